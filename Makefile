@@ -1,0 +1,22 @@
+# VENV can point anywhere, e.g. `make test VENV=~/venvs/ista2`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: venv test lint bench
+
+$(VENV)/.requirements: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -r requirements.txt
+	cp requirements.txt $@
+
+# The editable install is redone every time: a reused venv may point at another checkout.
+venv: $(VENV)/.requirements
+	$(PIP) install --no-deps --no-build-isolation -e .
+
+test: venv
+	$(PY) -m ruff check common tests benchmarks
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) benchmarks/bench_ista2.py

@@ -1,0 +1,288 @@
+"""ISTA2 against a per-token implementation written from the formulas in docs/method.md."""
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from common.ista2 import ISTA2
+
+torch.set_default_dtype(torch.float64)
+
+
+def softmax(xs):
+    top = max(xs)
+    e = [math.exp(x - top) for x in xs]
+    return [x / sum(e) for x in e]
+
+
+def rms_norm(x, w):
+    eps = torch.finfo(x.dtype).eps
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def layer_norm(x, w, b):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + 1e-5) * w + b
+
+
+def naive_ista2(m, q, k, v, images, rel_bias=None, mask=None):
+    """Loop over every image, head and token; `m` supplies only options and norm weights."""
+    norms = {'q': m.q_norm_layer, 'k': m.k_norm_layer, 'v': m.v_norm_layer}
+
+    def norm(x, name):
+        layer = norms[name]
+        if isinstance(layer, nn.RMSNorm):
+            return rms_norm(x, layer.weight)
+        if isinstance(layer, nn.LayerNorm):
+            return layer_norm(x, layer.weight, layer.bias)
+        return x
+
+    b, p1, c = q.shape
+    p2, h = k.shape[1], m.num_heads
+    d = c // h
+    rows = b // images
+    Q, K, V = (norm(x, n).reshape(b, -1, h, d) for x, n in ((q, 'q'), (k, 'k'), (v, 'v')))
+    aligned = V.clone()
+    if m.ista2_method == 'v' and images > 1:
+        n_others = images - 1 if m.bs_ratio is None else math.ceil((images - 1) * m.bs_ratio)
+        for head in range(h):
+            tokens = [[V[i * rows + w, t, head] for w in range(rows) for t in range(p2)] for i in range(images)]
+            if m.rep_tkn_type is None:
+                reps = tokens
+            elif m.rep_tkn_type == 'mean':
+                reps = [[sum(ts) / len(ts)] for ts in tokens]
+            elif m.rep_tkn_type == 'cls':
+                reps = [[ts[m.cls_tkn_idx]] for ts in tokens]
+            elif m.rep_tkn_type == 'cls+bg':
+                reps = [[ts[m.cls_tkn_idx], ts[m.bg_tkn_idx]] for ts in tokens]
+            else:
+                reps = [[ts[int(j)] for j in m.random_tkn_idxs] for ts in tokens]
+            for i in range(images):
+                others = [j for j in range(images) if j != i][:n_others]
+                cands = [r for j in others for r in reps[j]]
+                kk = min(m.attn_inter_topk, len(cands))
+                for pos, x in enumerate(tokens[i]):
+                    scores = [float(x @ r) * m.v_scale for r in cands]
+                    best = sorted(range(len(cands)), key=lambda z: -scores[z])[:kk]
+                    w = softmax([float(x @ x) * m.v_scale] + [scores[z] for z in best])
+                    new = w[0] * x + sum(w[1 + a] * cands[z] for a, z in enumerate(best))
+                    aligned[i * rows + pos // p2, pos % p2, head] = new
+    out = torch.zeros(b, p1, h, d)
+    for row, head, t in itertools.product(range(b), range(h), range(p1)):
+        query = Q[row, t, head]
+        if m.rep_tkn_type == 'cls+bg' and t == m.bg_tkn_idx:
+            query = -Q[row, m.cls_tkn_idx, head]
+        logits = [float(query @ K[row, s, head]) * m.qk_scale for s in range(p2)]
+        for s in range(p2):
+            if rel_bias is not None:
+                logits[s] += float(rel_bias[head, t, s])
+            if mask is not None:
+                logits[s] += float(mask[row % mask.shape[0], t, s])
+        a = softmax(logits)
+        out[row, t, head] = sum(a[s] * aligned[row, s, head] for s in range(p2))
+    return out.reshape(b, p1, c)
+
+
+def make(dim=6, heads=2, norm=None, **kw):
+    norms = dict(qk_norm=norm is not None, v_norm=norm is not None, norm_type=norm or 'rmsnorm')
+    m = ISTA2(dim, heads, qk_scale=0.7, v_scale=0.9, **norms, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p))  # norms must not be the identity for the test to mean anything
+    return m
+
+
+def qkv(b=4, p1=5, p2=5, c=6):
+    return torch.randn(b, p1, c), torch.randn(b, p2, c), torch.randn(b, p2, c)
+
+
+ALIGN = dict(ista2_method='v')
+REPS = {None: {}, 'mean': {}, 'cls': dict(cls_tkn_idx=1), 'cls+bg': dict(cls_tkn_idx=1, bg_tkn_idx=0),
+        'random': dict(rep_tkn_ratio=0.4)}
+
+
+@pytest.mark.parametrize('rep', list(REPS))
+@pytest.mark.parametrize('topk', [1, 3, 100])
+@pytest.mark.parametrize('bs_ratio', [None, 0.5])
+@pytest.mark.parametrize('norm', [None, 'rmsnorm', 'layernorm'])
+def test_matches_naive(rep, topk, bs_ratio, norm):
+    torch.manual_seed(0)
+    m = make(norm=norm, attn_inter_topk=topk, rep_tkn_type=rep, bs_ratio=bs_ratio, **ALIGN, **REPS[rep]).eval()
+    q, k, v = qkv(p1=7)
+    out = m(q, k, v)
+    assert out.shape == q.shape
+    assert torch.allclose(out, naive_ista2(m, q, k, v, images=4), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize('rep', [None, 'mean', 'random'])
+@pytest.mark.parametrize('real_b', [2, None])
+@pytest.mark.parametrize('topk', [1, 2])
+def test_swin_windows_align_per_image(rep, real_b, topk):
+    torch.manual_seed(1)
+    m = make(is_swin=True, norm='rmsnorm', attn_inter_topk=topk, rep_tkn_type=rep, **ALIGN, **REPS[rep]).eval()
+    images, windows, tokens = 2 + (real_b is None), 2, 4
+    q, k, v = qkv(b=images * windows, p1=tokens, p2=tokens)
+    rel_bias = torch.randn(2, tokens, tokens)
+    mask = torch.zeros(windows, tokens, tokens)
+    mask[1, :2, 2:] = mask[1, 2:, :2] = -100.
+    out = m(q, k, v, real_b=real_b, relative_position_bias=rel_bias, mask=mask)
+    assert torch.allclose(out, naive_ista2(m, q, k, v, images, rel_bias, mask), atol=1e-9, rtol=0)
+
+
+def test_swin_without_mask_needs_real_b():
+    m = make(is_swin=True, attn_inter_topk=1, rep_tkn_type='mean', **ALIGN)
+    q, k, v = qkv(b=4)
+    with pytest.raises(ValueError, match='real_b'):
+        m(q, k, v)
+    with pytest.raises(ValueError, match='real_b=3'):
+        m(q, k, v, real_b=3)
+    assert torch.allclose(m(q, k, v, real_b=2), naive_ista2(m, q, k, v, images=2), atol=1e-9, rtol=0)
+
+
+def test_baseline_is_plain_attention():
+    m = ISTA2(6, 2, qk_scale=0.5)
+    q, k, v = qkv(p1=3)
+    ref = torch.softmax(q.view(4, 3, 2, 3).transpose(1, 2) @ k.view(4, 5, 2, 3).permute(0, 2, 3, 1) * 0.5, -1)
+    ref = (ref @ v.view(4, 5, 2, 3).transpose(1, 2)).transpose(1, 2).reshape(4, 3, 6)
+    assert torch.allclose(m(q, k, v), ref, atol=1e-12)
+    assert list(m.state_dict()) == []
+
+
+def test_batch_of_one_is_plain_attention_with_the_norms():
+    m = make(norm='rmsnorm', attn_inter_topk=1, rep_tkn_type='mean', **ALIGN)
+    plain = make(norm='rmsnorm')
+    plain.load_state_dict(m.state_dict())
+    q, k, v = qkv(b=1)
+    assert torch.equal(m(q, k, v), plain(q, k, v))
+
+
+def test_permuting_the_batch_permutes_the_output():
+    m = make(norm='rmsnorm', attn_inter_topk=2, rep_tkn_type=None, **ALIGN)
+    q, k, v = qkv(b=5)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    assert torch.allclose(m(q, k, v)[perm], m(q[perm], k[perm], v[perm]), atol=1e-12)
+
+
+def test_a_sample_never_aligns_with_itself():
+    # The only other image's cls token is zero, so each token of image 0 mixes with a zero vector:
+    # v' = sigmoid(v_scale * |v|^2) * v. Had its own cls token been a candidate, it would differ.
+    m = make(attn_inter_topk=1, rep_tkn_type='cls', cls_tkn_idx=0, **ALIGN)
+    q, k, v = qkv(b=2)
+    v[1, 0] = 0
+    per_head = v[0].view(5, 2, 3)
+    aligned = (torch.sigmoid(0.9 * per_head.square().sum(-1, keepdim=True)) * per_head).reshape(1, 5, 6)
+    plain = ISTA2(6, 2, qk_scale=0.7)
+    assert torch.allclose(m(q, k, v)[:1], plain(q[:1], k[:1], aligned), atol=1e-12)
+
+
+def test_topk_is_clamped_to_the_candidates():
+    q, k, v = qkv(b=3)
+    big = make(attn_inter_topk=50, rep_tkn_type='mean', **ALIGN)
+    exact = make(attn_inter_topk=2, rep_tkn_type='mean', **ALIGN)
+    assert torch.allclose(big(q, k, v), exact(q, k, v), atol=1e-12)
+    assert big(q[:2], k[:2], v[:2]).shape == (2, 5, 6)
+
+
+def test_bs_ratio_uses_the_first_other_samples():
+    # 5 images, ratio 0.5: each image uses the first 2 of its 4 others, so image 3 serves nobody
+    # (0 uses 1,2; 1 uses 0,2; 2, 3 and 4 use 0,1) while image 2 serves images 0 and 1.
+    q, k, v = qkv(b=5)
+    m = make(attn_inter_topk=1, rep_tkn_type='mean', bs_ratio=0.5, **ALIGN)
+    out = m(q, k, v)
+    for changed, untouched, touched in ((3, [0, 1, 2, 4], 3), (2, [3, 4], 0)):
+        v2 = v.clone()
+        v2[changed] = torch.randn_like(v2[changed])
+        out2 = m(q, k, v2)
+        assert torch.allclose(out[untouched], out2[untouched], atol=1e-12)
+        assert not torch.allclose(out[touched], out2[touched])
+
+
+def test_random_tokens_are_redrawn_in_training_and_fixed_in_eval():
+    m = make(attn_inter_topk=1, rep_tkn_type='random', rep_tkn_ratio=0.5, **ALIGN)
+    q, k, v = qkv(p2=40)
+    m.eval()
+    first = m(q, k, v)
+    drawn = m.random_tkn_idxs.clone()
+    assert len(drawn) == 20 and torch.equal(m(q, k, v), first)
+    assert torch.equal(m.random_tkn_idxs, drawn)
+    m.train()
+    torch.manual_seed(0)
+    m(q, k, v)
+    a = m.random_tkn_idxs.clone()
+    m(q, k, v)
+    assert not torch.equal(a, m.random_tkn_idxs)
+
+
+def test_cls_bg_background_query_has_no_gradient_path():
+    m = make(attn_inter_topk=1, rep_tkn_type='cls+bg', cls_tkn_idx=1, bg_tkn_idx=0, **ALIGN)
+    q, k, v = (t.requires_grad_() for t in qkv())
+    m(q, k, v).sum().backward()
+    assert q.grad[:, 0].abs().max() == 0 and q.grad[:, 1].abs().max() > 0
+
+
+def test_gradients_match_finite_differences():
+    m = make(dim=4, heads=2, norm='rmsnorm', attn_inter_topk=1, rep_tkn_type='mean', **ALIGN)
+    inputs = tuple(t.requires_grad_() for t in qkv(b=3, p1=3, p2=3, c=4))
+    assert torch.autograd.gradcheck(lambda *x: m(*x), inputs)
+
+
+def test_dropout_applies_to_the_attention_weights_only():
+    torch.manual_seed(0)
+    drop = nn.Dropout(0.5)
+    m = make(attn_inter_topk=1, rep_tkn_type='mean', attn_drop_layer=drop, **ALIGN)
+    q, k, v = qkv()
+    m.eval()
+    drop.eval()
+    no_drop = m(q, k, v)
+    m.train()
+    drop.train()
+    assert not torch.allclose(m(q, k, v), no_drop)
+
+
+def test_autocast_runs_and_stays_close_to_fp32():
+    m = make(norm='rmsnorm', attn_inter_topk=1, rep_tkn_type='mean', **ALIGN).float()
+    q, k, v = (t.float() for t in qkv())
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = m(q, k, v)
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), m(q, k, v), atol=0.1)
+
+
+def test_state_dict_names_match_the_reference():
+    m = make(norm='rmsnorm', attn_inter_topk=1, rep_tkn_type='mean', **ALIGN)
+    assert list(m.state_dict()) == ['q_norm_layer.weight', 'k_norm_layer.weight', 'v_norm_layer.weight']
+    ln = make(norm='layernorm')
+    assert sorted(ln.state_dict()) == sorted(f'{x}_norm_layer.{p}' for x in 'qkv' for p in ('weight', 'bias'))
+
+
+@pytest.mark.parametrize('kwargs, option', [
+    (dict(norm_type='batchnorm'), 'norm_type'),
+    (dict(ista2_method='qk'), 'ista2_method'),
+    (dict(ista2_method='v'), 'attn_inter_topk'),
+    (dict(attn_inter_topk=1), 'attn_inter_topk'),
+    (dict(ista2_method='v', attn_inter_topk=-1), 'attn_inter_topk'),
+    (dict(ista2_method='v', attn_inter_topk=1.5), 'attn_inter_topk'),
+    (dict(rep_tkn_type='max'), 'rep_tkn_type'),
+    (dict(rep_tkn_type='random'), 'rep_tkn_ratio'),
+    (dict(rep_tkn_type='random', rep_tkn_ratio=1.5), 'rep_tkn_ratio'),
+    (dict(rep_tkn_type='mean', rep_tkn_ratio=0.5), 'rep_tkn_ratio'),
+    (dict(rep_tkn_type='cls'), 'cls_tkn_idx'),
+    (dict(rep_tkn_type='cls+bg', cls_tkn_idx=1), 'bg_tkn_idx'),
+    (dict(rep_tkn_type='cls+bg', cls_tkn_idx=1, bg_tkn_idx=1), 'bg_tkn_idx'),
+    (dict(rep_tkn_type='mean', cls_tkn_idx=0), 'cls_tkn_idx'),
+    (dict(bs_ratio=0), 'bs_ratio'),
+    (dict(across_gpus='yes'), 'across_gpus'),
+    (dict(num_heads=4), 'num_heads'),
+])
+def test_invalid_options_name_the_option(kwargs, option):
+    kwargs = {'num_heads': 2, **kwargs}
+    with pytest.raises(ValueError, match=option):
+        ISTA2(6, **kwargs)
+
+
+def test_integer_ratios_are_accepted():
+    m = ISTA2(6, 2, ista2_method='v', attn_inter_topk=1, rep_tkn_type='random', rep_tkn_ratio=1, bs_ratio=1)
+    assert m.rep_tkn_ratio == 1.0 and m.bs_ratio == 1.0
