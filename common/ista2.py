@@ -56,6 +56,52 @@ def gather_from_ranks(x):
     return torch.cat(parts)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x / sqrt(mean(x^2) + eps) * w over the last dim, in 3 passes forward and 5 backward
+    (torch 2.4's composite nn.RMSNorm takes about three times as long on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        opmath = torch.promote_types(x.dtype, torch.float32)
+        eps = torch.finfo(opmath).eps if eps is None else eps
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=opmath).square_().div_(x.shape[-1])
+        inv_rms = mean_square.add_(eps).rsqrt_().to(x.dtype)
+        ctx.save_for_backward(x, weight, inv_rms)
+        return (x * inv_rms).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, inv_rms = ctx.saved_tensors
+        g = grad * weight
+        coef = torch.linalg.vecdot(g, x, dim=-1).unsqueeze(-1) * inv_rms.pow(3) / x.shape[-1]
+        grad_x = g.mul_(inv_rms).addcmul_(x, coef, value=-1)
+        grad_w = (grad * x).reshape(-1, x.shape[-1]).t().mv(inv_rms.reshape(-1)) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: the head-merging transpose after
+    attention would otherwise send a strided gradient into the batched matmuls, which then fall
+    back to one small GEMM per (row, head) on CPU (about 5x slower for Swin windows)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameters, eps and results) with a faster hand-written backward."""
+
+    def forward(self, x):
+        if self.weight is None:
+            return super().forward(x)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
 class ISTA2(nn.Module):
     """Attention over pre-projected q/k/v, with optional inter-sample alignment of v.
 
@@ -107,7 +153,7 @@ class ISTA2(nn.Module):
         self.bs_ratio, self.across_gpus = bs_ratio, across_gpus
         self.random_tkn_idxs = None  # last indices drawn for rep_tkn_type='random'
 
-        norm = nn.RMSNorm if norm_type == 'rmsnorm' else nn.LayerNorm
+        norm = RMSNorm if norm_type == 'rmsnorm' else nn.LayerNorm
         self.q_norm_layer = norm(dim) if qk_norm else nn.Identity()
         self.k_norm_layer = norm(dim) if qk_norm else nn.Identity()
         self.v_norm_layer = norm(dim) if v_norm else nn.Identity()
@@ -133,11 +179,8 @@ class ISTA2(nn.Module):
         if self.ista2_method == 'v':
             v = self._align_per_image(v, self._images_in_batch(b, real_b, mask))
 
-        bias = self._logit_bias(relative_position_bias, mask)
-        if mask is not None:  # (b, ...) -> (images, nW, ...) so the (nW, h, p1, p2) bias broadcasts
-            q, k, v = (t.reshape(b // mask.shape[0], mask.shape[0], *t.shape[1:]) for t in (q, k, v))
-        out = self._attend(q, k, v, bias)
-        return out.reshape(b, h, p1, -1).transpose(1, 2).reshape(b, p1, c)
+        out = self._attend(q, k, v, self._logit_bias(relative_position_bias, mask))  # (b, h, p1, d)
+        return _ContiguousGrad.apply(out).transpose(1, 2).reshape(b, p1, c)
 
     def _images_in_batch(self, b, real_b, mask):
         if real_b is None:
@@ -153,25 +196,29 @@ class ISTA2(nn.Module):
 
     @staticmethod
     def _logit_bias(relative_position_bias, mask):
-        """Additive logit bias broadcastable to (b, h, p1, p2), or to (images, nW, h, p1, p2) with a mask."""
+        """Additive q.k logit bias of shape (nW or 1, h or 1, p1, p2), or None."""
         if mask is None:
             return relative_position_bias
-        mask = mask.unsqueeze(1)  # (nW, 1, p1, p2)
+        mask = mask.unsqueeze(1)
         return mask if relative_position_bias is None else mask + relative_position_bias
 
     def _attend(self, q, k, v, bias):
-        """softmax(q.k * qk_scale + bias) @ v over the last two dims; leading dims are batch."""
+        """softmax(q.k * qk_scale + bias) @ v: q (b, h, p1, d), k/v (b, h, p2, d) -> (b, h, p1, d).
+
+        The bias's leading dim cycles over the rows of each image (Swin windows)."""
         drop = self.attn_drop_layer
-        fused_dropout = drop is None or type(drop) is nn.Dropout
-        if self.rep_tkn_type != 'cls+bg' and fused_dropout:
+        if bias is None and self.rep_tkn_type != 'cls+bg' and (drop is None or type(drop) is nn.Dropout):
+            # fused kernel; with a bias that needs a gradient it would be no faster than the explicit path
             p = drop.p if drop is not None and drop.training else 0.
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.qk_scale)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.qk_scale)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # batched matmul loops over strided heads
         logits = (q @ k.transpose(-2, -1)) * self.qk_scale
         if self.rep_tkn_type == 'cls+bg':
             # the background query attends where the class query does not; no gradient through it
             logits[..., self.bg_tkn_idx, :] = -logits[..., self.cls_tkn_idx, :].detach()
         if bias is not None:
-            logits = logits + bias
+            windows = bias.shape[0] if bias.dim() == 4 else 1
+            logits = (logits.unflatten(0, (-1, windows)) + bias).flatten(0, 1)
         attn = logits.softmax(-1)
         if drop is not None:
             attn = drop(attn)
@@ -179,64 +226,57 @@ class ISTA2(nn.Module):
 
     def _align_per_image(self, v, images):
         """v (b, h, p2, d) -> aligned v, same shape; the b/images rows of one image are aligned together."""
-        b, h, p2, d = v.shape
-        if images == b:
-            return self._align(v)
-        per_image = v.reshape(images, b // images, h, p2, d).transpose(1, 2).reshape(images, h, -1, d)
-        aligned = self._align(per_image)
-        return aligned.reshape(images, h, b // images, p2, d).transpose(1, 2).reshape(b, h, p2, d)
+        return self._align(v.unflatten(0, (images, -1))).flatten(0, 1)
 
     def _representatives(self, v):
-        """v (m, h, P, d) -> representative tokens (m, h, J, d) of each sample."""
-        kind = self.rep_tkn_type
-        if kind is None:
-            return v
-        if kind == 'mean':
-            return v.mean(2, keepdim=True)
-        if kind == 'cls':
-            return v[:, :, [self.cls_tkn_idx]]
-        if kind == 'cls+bg':
-            return v[:, :, [self.cls_tkn_idx, self.bg_tkn_idx]]
-        tokens = v.shape[2]
-        count = math.ceil(tokens * self.rep_tkn_ratio)
+        """v (m, w, h, P, d), m images of w rows -> representative tokens (m, h, J, d) of each image."""
+        if self.rep_tkn_type == 'mean':
+            return v.mean((1, 3)).unsqueeze(2)
+        tokens = v.transpose(1, 2).flatten(2, 3)  # (m, h, w*P, d), row-major over an image's rows
+        if self.rep_tkn_type is None:
+            return tokens
+        if self.rep_tkn_type == 'cls':
+            return tokens[:, :, [self.cls_tkn_idx]]
+        if self.rep_tkn_type == 'cls+bg':
+            return tokens[:, :, [self.cls_tkn_idx, self.bg_tkn_idx]]
+        count = tokens.shape[2]
         if self.training:
-            order = torch.randperm(tokens, device=v.device)
+            order = torch.randperm(count, device=v.device)
         else:  # fixed at eval so that evaluation is deterministic
-            order = torch.randperm(tokens, generator=torch.Generator().manual_seed(tokens)).to(v.device)
-        self.random_tkn_idxs = order[:count].sort().values
-        return v[:, :, self.random_tkn_idxs]
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(count)).to(v.device)
+        self.random_tkn_idxs = order[:math.ceil(count * self.rep_tkn_ratio)].sort().values
+        return tokens[:, :, self.random_tkn_idxs]
 
     def _align(self, v):
-        """v (m, h, P, d), one row per image -> v' = w_self * v + sum_top-k w_r * r (same shape).
+        """v (m, w, h, P, d): m images of w rows -> v' = w_self * v + sum_top-k w_r * r, same shape.
 
         Candidates r are the representatives of the other images in the pool (the local
         batch, or every rank's batch with across_gpus); w = softmax over the scaled dot
         products [v.v, v.r for the k best r].
         """
-        m, h, _, d = v.shape
+        m, _, h, _, d = v.shape
         reps = self._representatives(v)
         offset = 0
         if self.across_gpus and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             offset = dist.get_rank() * m
             reps = gather_from_ranks(reps)
-        n, reps_per_sample = reps.shape[0], reps.shape[2]
+        n, reps_per_image = reps.shape[0], reps.shape[2]
         others = n - 1 if self.bs_ratio is None else math.ceil((n - 1) * self.bs_ratio)
         if others == 0:
             return v
-        topk = min(self.attn_inter_topk, others * reps_per_sample)
+        topk = min(self.attn_inter_topk, others * reps_per_image)
+        # Image g may use the first `others` images of the pool other than itself: all of them lie
+        # among the first others+1, and of those exactly one is barred, image min(g, others).
+        candidates = reps[:others + 1].transpose(0, 1).flatten(1, 2)  # (h, (others+1)*J, d)
+        barred = (torch.arange(m, device=v.device) + offset).clamp(max=others)
 
-        # candidate j is usable by image i when j is another image among the first `others` of them
-        own = torch.arange(m, device=v.device).unsqueeze(1) + offset
-        pool = torch.arange(n, device=v.device).unsqueeze(0)
-        usable = (pool != own) & (pool - (pool > own).long() < others)  # (m, n)
-        usable = usable.repeat_interleave(reps_per_sample, dim=1)  # (m, n*J)
-        candidates = reps.transpose(0, 1).reshape(h, n * reps_per_sample, d)  # (h, n*J, d)
-
-        scores = torch.matmul(v, candidates.unsqueeze(0).transpose(-2, -1)) * self.v_scale  # (m, h, P, n*J)
-        scores = scores.masked_fill(~usable[:, None, None, :], float('-inf'))
-        top_scores, top_idx = scores.topk(topk, dim=-1)  # (m, h, P, k)
-        self_score = v.square().sum(-1, keepdim=True) * self.v_scale
-        logits = torch.cat([self_score, top_scores], -1)  # softmax in fp32 at least, also under autocast
+        with torch.no_grad():  # which candidates win carries no gradient; their scores do, below
+            scores = torch.einsum('mwhpd,hnd->mwhpn', v, candidates)
+            scores.unflatten(-1, (others + 1, -1))[torch.arange(m, device=v.device), ..., barred, :] = float('-inf')
+            best = scores.argmax(-1, keepdim=True) if topk == 1 else scores.topk(topk, -1).indices
+        head_start = torch.arange(h, device=v.device).view(h, 1, 1) * candidates.shape[1]
+        chosen = F.embedding(best + head_start, candidates.flatten(0, 1))  # (m, w, h, P, k, d)
+        logits = torch.cat([torch.linalg.vecdot(v, v).unsqueeze(-1), torch.linalg.vecdot(v.unsqueeze(-2), chosen)],
+                           -1) * self.v_scale  # (m, w, h, P, 1 + k); softmax in fp32 at least, also under autocast
         weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
-        chosen = candidates[torch.arange(h, device=v.device).view(1, h, 1, 1), top_idx]  # (m, h, P, k, d)
-        return weights[..., :1] * v + (weights[..., 1:].unsqueeze(-1) * chosen).sum(-2)
+        return torch.addcmul((weights[..., 1:, None] * chosen).sum(-2), weights[..., :1], v)

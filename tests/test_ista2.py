@@ -286,3 +286,17 @@ def test_invalid_options_name_the_option(kwargs, option):
 def test_integer_ratios_are_accepted():
     m = ISTA2(6, 2, ista2_method='v', attn_inter_topk=1, rep_tkn_type='random', rep_tkn_ratio=1, bs_ratio=1)
     assert m.rep_tkn_ratio == 1.0 and m.bs_ratio == 1.0
+
+
+def test_fast_rmsnorm_equals_torch_rmsnorm_with_gradients():
+    from common.ista2 import RMSNorm
+    fast, ref = RMSNorm(8), nn.RMSNorm(8)
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(fast.weight)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    assert torch.allclose(fast(x), ref(x), atol=1e-12)
+    assert torch.autograd.gradcheck(fast, (x,))
+    g = torch.randn(3, 5, 8)
+    grads = [torch.autograd.grad((m(x) * g).sum(), (x, m.weight)) for m in (fast, ref)]
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(*grads, strict=True))

@@ -1,0 +1,124 @@
+"""Time and peak memory of one ISTA2 attention call (forward + backward) against the same
+attention with alignment and norms off, on PVTv2-B2 stage-1 and Swin-T stage-1 shapes.
+
+    python benchmarks/bench_ista2.py [--batch 32 128] [--reference /tmp/ref/ista2_ref.py]
+
+Each measurement runs in a fresh process, so the peak resident memory it reports (growth
+above the process's footprint before the first step) belongs to that variant alone.
+``--reference`` takes a scratch copy of the reference implementation's ``attns/ista2.py``
+(kept outside this repository, its ``.cuda()`` calls pointed at the CPU); it is then timed
+too, and its output compared with ours in float64.
+"""
+import argparse
+import importlib.util
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from common.ista2 import ISTA2
+
+PUBLISHED = dict(qk_norm=True, v_norm=True, ista2_method='v', attn_inter_topk=1, rep_tkn_type='mean')
+# name: (dim, heads, query tokens, kv tokens, windows per image)
+SHAPES = {'pvt_v2_b2.stage1': (64, 1, 3136, 49, 1), 'swin_t.stage1': (96, 3, 49, 49, 64)}
+
+
+def load_reference(path):
+    spec = importlib.util.spec_from_file_location('ista2_reference', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ISTA2
+
+
+def build(variant, shape, reference=None):
+    dim, heads, _, _, windows = shape
+    kwargs = dict(qk_scale=(dim // heads) ** -0.5, v_scale=(dim // heads) ** -0.5, is_swin=windows > 1)
+    settings = PUBLISHED if variant.endswith('ista2') else {}
+    cls = load_reference(reference) if variant.startswith('reference') else ISTA2
+    return cls(dim, heads, **kwargs, **settings)
+
+
+def inputs(shape, batch, dtype=torch.float32, seed=0):
+    dim, heads, p1, p2, windows = shape
+    g = torch.Generator().manual_seed(seed)
+    rows = batch * windows
+    q, k, v = (torch.randn(rows, p, dim, generator=g, dtype=dtype) for p in (p1, p2, p2))
+    extra = {}
+    if windows > 1:  # a shifted Swin block: relative-position bias and a shift mask
+        extra = dict(real_b=batch, relative_position_bias=torch.randn(heads, p1, p2, generator=g, dtype=dtype),
+                     mask=torch.where(torch.rand(windows, p1, p2, generator=g) < 0.3, -100., 0.).to(dtype))
+    return q, k, v, extra
+
+
+def current_rss_kib():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+
+
+def worker(variant, shape_name, batch, repeats, reference):
+    torch.set_flush_denormal(True)  # as the trainers do: Swin's -100 mask makes denormals on CPU
+    shape = SHAPES[shape_name]
+    module = build(variant, shape, reference)
+    q, k, v, extra = inputs(shape, batch)
+    for t in (q, k, v):
+        t.requires_grad_()
+    before = current_rss_kib()
+    times = []
+    for _ in range(repeats + 1):  # the first step warms up and is not timed
+        start = time.perf_counter()
+        module(q, k, v, **extra).sum().backward()
+        times.append(time.perf_counter() - start)
+        for t in (q, k, v):
+            t.grad = None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps(dict(seconds=statistics.median(times[1:]), peak_mib=(peak - before) / 1024)))
+
+
+def measure(variant, shape_name, batch, repeats, reference):
+    cmd = [sys.executable, __file__, '--worker', variant, shape_name, str(batch), '--repeats', str(repeats)]
+    if reference:
+        cmd += ['--reference', reference]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def max_difference(shape_name, reference):
+    """Largest |ours - reference| over the published settings, float64, small batch."""
+    shape = SHAPES[shape_name]
+    ours, theirs = build('ista2', shape).double(), build('reference-ista2', shape, reference).double()
+    q, k, v, extra = inputs(shape, 4, torch.float64, seed=1)
+    return (ours(q, k, v, **extra) - theirs(q, k, v, **extra)).abs().max().item()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--batch', type=int, nargs='+', default=[32, 128])
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--reference', help='scratch copy of the reference attns/ista2.py, CPU-patched')
+    parser.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        variant, shape_name, batch = args.worker
+        return worker(variant, shape_name, int(batch), args.repeats, args.reference)
+
+    variants = ['baseline', 'ista2'] + (['reference-baseline', 'reference-ista2'] if args.reference else [])
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, forward+backward, '
+          f'median of {args.repeats}; ratios are to our baseline')
+    print(f'{"shape":18} {"batch":>5} {"variant":18} {"ms":>9} {"peak MiB":>9} {"time x":>7} {"mem x":>7}')
+    for shape_name in SHAPES:
+        if args.reference:
+            print(f'{shape_name}: max |ours - reference| (float64) = {max_difference(shape_name, args.reference):.2e}')
+        for batch in args.batch:
+            results = {v: measure(v, shape_name, batch, args.repeats, args.reference) for v in variants}
+            base = results['baseline']
+            for variant, r in results.items():
+                print(f'{shape_name:18} {batch:5d} {variant:18} {1e3 * r["seconds"]:9.1f} {r["peak_mib"]:9.1f} '
+                      f'{r["seconds"] / base["seconds"]:7.2f} {r["peak_mib"] / max(base["peak_mib"], 1e-9):7.2f}')
+
+
+if __name__ == '__main__':
+    main()
