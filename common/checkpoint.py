@@ -1,0 +1,98 @@
+"""Checkpoint files: atomic writes, safe (weights-only) reads, strict loads with a clear key report."""
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over it:
+    a crash or a full disk leaves the previous file intact, never a partial one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def copy_atomic(src, dst):
+    folder = os.path.dirname(os.path.abspath(dst))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(dst) + '.', suffix='.tmp', dir=folder)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load(path):
+    """Read a checkpoint with torch.load(weights_only=True): tensors and plain data only, so a
+    file carrying pickled code is refused instead of executed."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f'{path}: refused to load objects other than tensors and plain data '
+                              f'(weights_only=True): {str(e).splitlines()[0]}') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f'{path}: not a readable checkpoint (truncated or corrupt?): {e}') from None
+
+
+def model_state(checkpoint, keys=('model', 'state_dict')):
+    """The state_dict inside a trainer checkpoint, or the checkpoint itself if it is a bare one."""
+    for key in keys:
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint
+    raise CheckpointError(f'no model weights found: expected a state_dict or a dict with one of {keys}')
+
+
+def load_weights(model, state, strict=True, source='checkpoint', allowed_missing=()):
+    """Load `state` into `model`, reporting exactly what did not match.
+
+    strict: any missing, unexpected or mis-shaped key is an error naming the keys. Keys that
+    match a pattern in `allowed_missing` may be missing (e.g. ISTA2's norms in an upstream
+    checkpoint); they are reported. Returns the list of missing keys.
+    """
+    own = model.state_dict()
+    shape_errors = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+                    for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    tolerated = [k for k in missing if any(p in k for p in allowed_missing)]
+    problems = []
+    if shape_errors:
+        problems.append(f'{len(shape_errors)} with another shape: {_preview(shape_errors)}')
+    if strict and len(tolerated) < len(missing):
+        problems.append(f'{len(missing) - len(tolerated)} missing: {_preview(sorted(set(missing) - set(tolerated)))}')
+    if strict and unexpected:
+        problems.append(f'{len(unexpected)} unexpected: {_preview(unexpected)}')
+    if problems:
+        raise CheckpointError(f'{source} does not fit this model ({type(model).__name__}); keys ' + '; '.join(problems)
+                              + '. Is it from another architecture or config?')
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return missing
+
+
+def _preview(keys, n=6):
+    keys = list(keys)
+    return ', '.join(keys[:n]) + (f', ... ({len(keys) - n} more)' if len(keys) > n else '')

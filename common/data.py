@@ -1,0 +1,110 @@
+"""Image-folder datasets, the timm train/eval transforms, samplers and loaders."""
+import math
+import os
+
+import torch
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torchvision import datasets, transforms
+
+
+def image_folders(root, train='train', val='val'):
+    """ImageFolder datasets for root/train and root/val, checked to share one class list."""
+    if not root or not os.path.isdir(root):
+        raise FileNotFoundError(f'data path {root!r} is not a folder; expected <root>/{train}/<class>/*.jpg '
+                                f'and <root>/{val}/<class>/*.jpg')
+    folders = []
+    for split in (train, val):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f'data path {root!r} has no {split!r} folder (expected {path}/<class>/*)')
+        try:
+            folders.append(datasets.ImageFolder(path))
+        except FileNotFoundError as e:  # torchvision: no class folders, or a class folder without images
+            raise FileNotFoundError(f'{path}: {e}') from None
+    if folders[0].classes != folders[1].classes:
+        only_train = sorted(set(folders[0].classes) - set(folders[1].classes))
+        only_val = sorted(set(folders[1].classes) - set(folders[0].classes))
+        raise ValueError(f'{root}: the {train} and {val} folders have different classes '
+                         f'(only in {train}: {only_train[:5]}, only in {val}: {only_val[:5]})')
+    return folders
+
+
+def train_transform(input_size, color_jitter=0.4, auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic',
+                    re_prob=0.25, re_mode='pixel', re_count=1, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
+                    vflip=0., mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """timm's ImageNet training transform; at 32 px or less a padded random crop replaces the resized crop."""
+    t = create_transform(input_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,
+                         interpolation=interpolation, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+                         scale=scale, ratio=ratio, hflip=hflip, vflip=vflip, mean=mean, std=std)
+    if input_size <= 32:
+        t.transforms[0] = transforms.RandomCrop(input_size, padding=4)
+    return t
+
+
+def eval_transform(input_size, crop_pct=224 / 256, interpolation='bicubic', center_crop=True,
+                   mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """Resize to input_size / crop_pct then center-crop (no resize at 32 px or less), or resize to a square."""
+    mode = transforms.InterpolationMode(interpolation)
+    if not center_crop:
+        resize = [transforms.Resize((input_size, input_size), interpolation=mode)]
+    elif input_size > 32:
+        resize = [transforms.Resize(int(input_size / crop_pct), interpolation=mode), transforms.CenterCrop(input_size)]
+    else:
+        resize = []
+    return transforms.Compose([*resize, transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+class ShardSampler(Sampler):
+    """Rank r of W takes samples r, r+W, r+2W, ... in dataset order, without the padding
+    DistributedSampler adds, so that no image is counted twice in a distributed evaluation."""
+
+    def __init__(self, dataset, rank, world_size):
+        self.indices = range(rank, len(dataset), world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def train_sampler(dataset, runtime, kind='distributed', seed=0):
+    """kind: 'distributed' (shuffled shards) or 'repeated' (3 augmented repeats per image, as DeiT).
+
+    One process shuffles the whole set. Repeated augmentation keeps the upstream per-epoch length
+    (a multiple of 256 images) unless the dataset is smaller than that, when it keeps every image.
+    """
+    if not runtime.distributed:
+        return RandomSampler(dataset)
+    if kind == 'repeated':
+        return RepeatAugSampler(dataset, runtime.world_size, runtime.rank, num_repeats=3,
+                                selected_round=256 if len(dataset) >= 256 else 0)
+    if kind == 'distributed':
+        return DistributedSampler(dataset, runtime.world_size, runtime.rank, shuffle=True, seed=seed)
+    raise ValueError(f'unknown train sampler {kind!r}; valid: distributed, repeated')
+
+
+def eval_sampler(dataset, runtime, sharded):
+    """In dataset (class) order: the whole set on every rank, or one interleaved shard per rank."""
+    return ShardSampler(dataset, runtime.rank, runtime.world_size) if sharded else SequentialSampler(dataset)
+
+
+def loader(dataset, sampler, batch_size, workers, pin_memory, train, seed=0):
+    if train and len(sampler) < batch_size:
+        raise ValueError(f'the per-process batch size {batch_size} is larger than the {len(sampler)} training images '
+                         f'this process gets per epoch; use a smaller batch size')
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      drop_last=train, generator=generator, persistent_workers=workers > 0)
+
+
+def set_epoch(sampler, epoch):
+    if hasattr(sampler, 'set_epoch'):
+        sampler.set_epoch(epoch)
+
+
+def batches_per_epoch(num_samples, batch_size, drop_last):
+    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)

@@ -1,0 +1,70 @@
+"""Process groups for torchrun-launched (or plain single-process) runs, on CUDA or CPU."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_runtime(device=None):
+    """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK), if any.
+
+    device: 'cuda', 'cpu', or None for CUDA when available. Each process uses GPU LOCAL_RANK
+    with NCCL, or the CPU with gloo.
+    """
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
+    kind = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if kind.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise ValueError(f'--device {device} was asked for but CUDA is not available; use --device cpu')
+        if local >= torch.cuda.device_count():
+            raise ValueError(f'LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible')
+        torch.cuda.set_device(local)
+        dev = torch.device('cuda', local)
+    elif kind == 'cpu':
+        dev = torch.device('cpu')
+    else:
+        raise ValueError(f'unknown device {device!r}; valid: cuda, cpu')
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://',
+                                rank=rank, world_size=world)
+        dist.barrier()
+    torch.set_flush_denormal(True)  # CPU: Swin's -100 shift mask yields denormals that slow matmuls ~4x
+    return Runtime(rank, world, local, dev)
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over all ranks (identity without a process group)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_flag(flag, device):
+    """Rank 0's boolean, on every rank."""
+    t = torch.tensor([int(flag)], device=device)
+    if dist.is_initialized():
+        dist.broadcast(t, 0)
+    return bool(t.item())
