@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv test lint bench
+.PHONY: venv test demo bench
 
 $(VENV)/.requirements: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,8 +15,11 @@ venv: $(VENV)/.requirements
 	$(PIP) install --no-deps --no-build-isolation -e .
 
 test: venv
-	$(PY) -m ruff check common tests benchmarks
+	$(PY) -m ruff check common tests benchmarks PVT
 	$(PY) -m pytest -q
+
+demo: venv
+	cd PVT/classification && $(abspath $(PY)) demo.py
 
 bench: venv
 	$(PY) benchmarks/bench_ista2.py

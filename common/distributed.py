@@ -50,7 +50,10 @@ def init_runtime(device=None):
 
 
 def shutdown():
+    """Leave the process group together after a successful run (after a failure, just exit:
+    torchrun stops the other ranks)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -87,8 +87,12 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp=True, print_freq=10, echo=print):
-    """Top-1/top-5 accuracy (%) and cross-entropy over every image the ranks' loaders hold together."""
+def evaluate(model, loader, device, amp=True, sharded=True, print_freq=10, echo=print):
+    """Top-1/top-5 accuracy (%) and cross-entropy over the evaluation set.
+
+    sharded: each rank's loader holds a part of the set (results are summed over ranks);
+    otherwise every rank holds all of it.
+    """
     model.eval()
     meters = Meters('Test:', len(loader), print_freq, echo)
     sums = [0., 0., 0., 0.]  # loss, top-1 hits, top-5 hits, images
@@ -104,5 +108,5 @@ def evaluate(model, loader, device, amp=True, print_freq=10, echo=print):
             sums[j] += value
         meters.update(n=n, loss=loss.item(), acc1=acc1.item(), acc5=acc5.item())
         meters.step(i)
-    loss, hits1, hits5, n = all_reduce_sum(sums, device)
+    loss, hits1, hits5, n = all_reduce_sum(sums, device) if sharded else sums
     return {'loss': loss / max(n, 1), 'acc1': 100 * hits1 / max(n, 1), 'acc5': 100 * hits5 / max(n, 1), 'images': int(n)}

@@ -253,7 +253,7 @@ def main(args):
     if args.eval:
         if not resume:
             raise ValueError('--eval needs a checkpoint: give --resume PATH (or an --output_dir holding checkpoint.pth)')
-        stats = engine.evaluate(model, val_loader, device, echo=echo)
+        stats = engine.evaluate(model, val_loader, device, sharded=args.dist_eval, echo=echo)
         echo(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")
         echo(f"Accuracy of the network on the {stats['images']} test images: {stats['acc1']:.1f}%")
         return stats
@@ -271,7 +271,7 @@ def main(args):
             model, criterion, train_loader, optimizer, scaler if amp else torch.amp.GradScaler(enabled=False),
             device, epoch, amp=amp, clip_grad=args.clip_grad, mixup_fn=mixup_fn, echo=echo)
         lr_scheduler.step(epoch)  # as upstream, after the epoch with the finished epoch's index
-        test_stats = engine.evaluate(model, val_loader, device, amp=amp, echo=echo)
+        test_stats = engine.evaluate(model, val_loader, device, amp=amp, sharded=args.dist_eval, echo=echo)
         echo(f"Accuracy of the network on the {test_stats['images']} test images: {test_stats['acc1']:.1f}%")
         improved = test_stats['acc1'] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats['acc1'])
@@ -316,10 +316,8 @@ def cli(argv=None):
     apply_config(args, parser, argv)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-    try:
-        main(args)
-    finally:
-        distributed.shutdown()
+    main(args)
+    distributed.shutdown()
 
 
 if __name__ == '__main__':

@@ -1,0 +1,94 @@
+"""PVT main.py end to end on a tiny dataset: one process and torchrun with 2 (gloo), train/eval/resume, errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from tests.conftest import run
+
+CWD = 'PVT/classification'
+B0, B0_ISTA2 = 'configs/pvt_v2_ista2/pvt_v2_b0.py', 'configs/pvt_v2_ista2/pvt_v2_b0_ista2.py'
+FAST = ['--input-size', '32', '--batch-size', '8', '--num_workers', '0', '--warmup-epochs', '0']
+
+
+def train_args(config, data, out, epochs, *extra):
+    return ['main.py', '--config', config, '--data-path', data, '--output_dir', out, '--epochs', epochs, *FAST, *extra]
+
+
+def log_epochs(out):
+    with open(os.path.join(out, 'log.txt')) as f:
+        return [json.loads(line)['epoch'] for line in f]
+
+
+def test_train_then_rerun_resumes_then_eval(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    first = run(CWD, train_args(B0_ISTA2, tiny_data, out, 1, '--drop-path', '0.05'))
+    assert 'the command line value 0.05 wins' in first
+    assert sorted(f for f in os.listdir(out) if not f.startswith('.')) == ['checkpoint.pth', 'log.txt', 'model_best.pth']
+    ckpt = torch.load(os.path.join(out, 'checkpoint.pth'), weights_only=True)
+    assert set(ckpt) == {'model', 'optimizer', 'lr_scheduler', 'epoch', 'scaler', 'args', 'max_accuracy'}
+    assert ckpt['epoch'] == 0 and ckpt['args']['drop_path'] == 0.05 and ckpt['args']['ista2_args']['ista2_method'] == 'v'
+    assert any('ista2.v_norm_layer' in k for k in ckpt['model'])
+
+    second = run(CWD, train_args(B0_ISTA2, tiny_data, out, 2))
+    assert 'resuming from it' in second and 'at epoch 1' in second
+    assert log_epochs(out) == [0, 1]
+
+    evaluated = run(CWD, ['main.py', '--eval', '--config', B0_ISTA2, '--resume', os.path.join(out, 'checkpoint.pth'),
+                          '--data-path', tiny_data, *FAST])
+    assert '* Acc@1' in evaluated and 'on the 40 test images' in evaluated
+
+
+def test_two_processes_train_and_dist_eval_counts_each_image_once(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    run(CWD, train_args(B0, tiny_data, out, 1), nproc=2)
+    assert log_epochs(out) == [0]
+    ckpt = os.path.join(out, 'checkpoint.pth')
+    eval_args = ['main.py', '--eval', '--config', B0, '--resume', ckpt, '--data-path', tiny_data, *FAST]
+    distributed = run(CWD, eval_args + ['--dist-eval'], nproc=2)
+    single = run(CWD, eval_args, nproc=1)
+    line = [x for x in distributed.splitlines() if 'Accuracy of the network on the 40 test images' in x]
+    assert line and line[0] in single  # the baseline does not depend on how images are batched
+
+
+def write_config(tmp_path, text):
+    path = tmp_path / 'cfg.py'
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize('case, message', [
+    ('missing_data', 'is not a folder'),
+    ('mismatched_classes', 'different classes'),
+    ('unknown_key', "unknown config key 'drop_pth' (did you mean 'drop_path'?)"),
+    ('wrong_type', "drop_path='0.1' has type str; expected float"),
+    ('bad_ista2_option', "invalid rep_tkn_type='max'"),
+    ('eval_without_checkpoint', '--eval needs a checkpoint'),
+])
+def test_bad_input_fails_with_a_clear_message(case, message, tiny_data, mismatched_data, tmp_path):
+    data, config, extra = tiny_data, B0, []
+    if case == 'missing_data':
+        data = str(tmp_path / 'nowhere')
+    elif case == 'mismatched_classes':
+        data = mismatched_data
+    elif case == 'unknown_key':
+        config = write_config(tmp_path, "cfg = dict(model='pvt_v2_b0', drop_pth=0.1)\n")
+    elif case == 'wrong_type':
+        config = write_config(tmp_path, "cfg = dict(model='pvt_v2_b0', drop_path='0.1')\n")
+    elif case == 'bad_ista2_option':
+        config = write_config(tmp_path, "cfg = dict(model='pvt_v2_b0', ista2_args=dict(ista2_method='v', "
+                                        "attn_inter_topk=1, rep_tkn_type='max'))\n")
+    elif case == 'eval_without_checkpoint':
+        extra = ['--eval']
+    output = run(CWD, ['main.py', '--config', config, '--data-path', data, '--epochs', '1', *FAST, *extra],
+                 expect_ok=False)
+    assert message in output
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    run(CWD, train_args(B0, tiny_data, out, 1))
+    output = run(CWD, ['main.py', '--eval', '--config', 'configs/pvt_v2_ista2/pvt_v2_b2.py', '--resume',
+                       os.path.join(out, 'checkpoint.pth'), '--data-path', tiny_data, *FAST], expect_ok=False)
+    assert 'does not fit this model' in output and 'another shape' in output
