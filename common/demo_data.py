@@ -7,8 +7,8 @@ texture in its own hue, drawn at a random position, scale and brightness on a ra
 background, with pixel noise. Hue and texture survive random crops, so a small transformer
 learns it in a few epochs on a CPU.
 """
-import colorsys
 import argparse
+import colorsys
 import os
 
 import numpy as np

@@ -109,4 +109,5 @@ def evaluate(model, loader, device, amp=True, sharded=True, print_freq=10, echo=
         meters.update(n=n, loss=loss.item(), acc1=acc1.item(), acc5=acc5.item())
         meters.step(i)
     loss, hits1, hits5, n = all_reduce_sum(sums, device) if sharded else sums
-    return {'loss': loss / max(n, 1), 'acc1': 100 * hits1 / max(n, 1), 'acc5': 100 * hits5 / max(n, 1), 'images': int(n)}
+    images, n = int(n), max(n, 1)
+    return {'loss': loss / n, 'acc1': 100 * hits1 / n, 'acc5': 100 * hits5 / n, 'images': images}

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 from mmengine.config import Config
+from pvt_v2 import create_model
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer
@@ -28,12 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets
 
 from common import checkpoint, data, distributed, engine
-from pvt_v2 import create_model
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('PVTv2 + ISTA2 training and evaluation', add_help=True)
-    p.add_argument('--config', required=True, help='python config file (mmengine), e.g. configs/pvt_v2_ista2/pvt_v2_b0.py')
+    p.add_argument('--config', required=True, help='mmengine python config, e.g. configs/pvt_v2_ista2/pvt_v2_b0.py')
     p.add_argument('--fp32-resume', action='store_true', help='no AMP for the first 2 epochs after resuming')
     p.add_argument('--batch-size', type=int, default=128, help='per process; evaluation uses 1.5x')
     p.add_argument('--epochs', type=int, default=300)
@@ -150,7 +150,8 @@ def apply_config(args, parser, argv):
                                + '; valid keys are the dest names of the command-line flags and ista2_args')
             elif key in given:
                 if int(os.environ.get('RANK', 0)) == 0:
-                        print(f'config {args.config} sets {key}={value!r}; the command line value {getattr(args, key)!r} wins')
+                    print(f'config {args.config} sets {key}={value!r}; '
+                          f'the command line value {getattr(args, key)!r} wins')
             else:
                 setattr(args, key, config_value(actions[key], key, value, args.config))
 
@@ -190,8 +191,8 @@ def main(args):
     pin = args.pin_mem and device.type == 'cuda'
     train_sampler = data.train_sampler(train_set, runtime, 'repeated' if args.repeated_aug else 'distributed', seed)
     train_loader = data.loader(train_set, train_sampler, args.batch_size, args.num_workers, pin, True, seed)
-    val_loader = data.loader(val_set, data.eval_sampler(val_set, runtime, args.dist_eval), int(1.5 * args.batch_size),
-                             args.num_workers, pin, False, seed)
+    val_sampler = data.eval_sampler(val_set, runtime, args.dist_eval)
+    val_loader = data.loader(val_set, val_sampler, int(1.5 * args.batch_size), args.num_workers, pin, False, seed)
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
@@ -252,7 +253,7 @@ def main(args):
             echo(f'Resumed from {resume} at epoch {args.start_epoch}')
     if args.eval:
         if not resume:
-            raise ValueError('--eval needs a checkpoint: give --resume PATH (or an --output_dir holding checkpoint.pth)')
+            raise ValueError('--eval needs a checkpoint: --resume PATH, or an --output_dir holding checkpoint.pth')
         stats = engine.evaluate(model, val_loader, device, sharded=args.dist_eval, echo=echo)
         echo(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")
         echo(f"Accuracy of the network on the {stats['images']} test images: {stats['acc1']:.1f}%")
