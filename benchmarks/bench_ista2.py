@@ -11,16 +11,17 @@ too, and its output compared with ours in float64.
 """
 import argparse
 import importlib.util
-import json
-import resource
-import statistics
-import subprocess
+import os
 import sys
-import time
 
 import torch
 
-from common.ista2 import ISTA2
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import compare, report, time_step  # noqa: E402
+
+from common.runtime import tune_cpu  # noqa: E402
+
+from common.ista2 import ISTA2  # noqa: E402
 
 PUBLISHED = dict(qk_norm=True, v_norm=True, ista2_method='v', attn_inter_topk=1, rep_tkn_type='mean')
 # name: (dim, heads, query tokens, kv tokens, windows per image)
@@ -54,36 +55,20 @@ def inputs(shape, batch, dtype=torch.float32, seed=0):
     return q, k, v, extra
 
 
-def current_rss_kib():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 1024
-
-
 def worker(variant, shape_name, batch, repeats, reference):
-    torch.set_flush_denormal(True)  # as the trainers do: Swin's -100 mask makes denormals on CPU
+    tune_cpu()  # as the trainers do, before any parallel op
     shape = SHAPES[shape_name]
-    module = build(variant, shape, reference)
+    module = build(variant, shape, reference or None)
     q, k, v, extra = inputs(shape, batch)
     for t in (q, k, v):
         t.requires_grad_()
-    before = current_rss_kib()
-    times = []
-    for _ in range(repeats + 1):  # the first step warms up and is not timed
-        start = time.perf_counter()
+
+    def step():
         module(q, k, v, **extra).sum().backward()
-        times.append(time.perf_counter() - start)
         for t in (q, k, v):
             t.grad = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps(dict(seconds=statistics.median(times[1:]), peak_mib=(peak - before) / 1024)))
 
-
-def measure(variant, shape_name, batch, repeats, reference):
-    cmd = [sys.executable, __file__, '--worker', variant, shape_name, str(batch), '--repeats', str(repeats)]
-    if reference:
-        cmd += ['--reference', reference]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    report(time_step(step, repeats))
 
 
 def max_difference(shape_name, reference):
@@ -97,23 +82,26 @@ def max_difference(shape_name, reference):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--batch', type=int, nargs='+', default=[32, 128])
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--repeats', type=int, default=5, help='timed calls per process')
+    parser.add_argument('--rounds', type=int, default=3, help='processes per variant, alternating')
     parser.add_argument('--reference', help='scratch copy of the reference attns/ista2.py, CPU-patched')
-    parser.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument('--worker', nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        variant, shape_name, batch = args.worker
-        return worker(variant, shape_name, int(batch), args.repeats, args.reference)
+        variant, shape_name, batch, repeats, reference = args.worker
+        return worker(variant, shape_name, int(batch), int(repeats), reference)
 
     variants = ['baseline', 'ista2'] + (['reference-baseline', 'reference-ista2'] if args.reference else [])
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, forward+backward, '
-          f'median of {args.repeats}; ratios are to our baseline')
+          f'median over {args.rounds} alternating processes of the median of {args.repeats} calls; '
+          'ratios are to our baseline')
     print(f'{"shape":18} {"batch":>5} {"variant":18} {"ms":>9} {"peak MiB":>9} {"time x":>7} {"mem x":>7}')
     for shape_name in SHAPES:
         if args.reference:
             print(f'{shape_name}: max |ours - reference| (float64) = {max_difference(shape_name, args.reference):.2e}')
         for batch in args.batch:
-            results = {v: measure(v, shape_name, batch, args.repeats, args.reference) for v in variants}
+            results = compare(__file__, variants, (shape_name, batch, args.repeats, args.reference or ''),
+                              args.rounds)
             base = results['baseline']
             for variant, r in results.items():
                 print(f'{shape_name:18} {batch:5d} {variant:18} {1e3 * r["seconds"]:9.1f} {r["peak_mib"]:9.1f} '

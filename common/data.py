@@ -1,5 +1,4 @@
 """Image-folder datasets, the timm train/eval transforms, samplers and loaders."""
-import math
 import os
 
 import torch
@@ -58,11 +57,14 @@ def eval_transform(input_size, crop_pct=224 / 256, interpolation='bicubic', cent
 
 
 class ShardSampler(Sampler):
-    """Rank r of W takes samples r, r+W, r+2W, ... in dataset order, without the padding
-    DistributedSampler adds, so that no image is counted twice in a distributed evaluation."""
+    """Rank r of W takes samples r, r+W, r+2W, ... of the dataset order (or of one fixed seeded
+    shuffle of it), without the padding DistributedSampler adds, so that no image is counted
+    twice in a distributed evaluation."""
 
-    def __init__(self, dataset, rank, world_size):
-        self.indices = range(rank, len(dataset), world_size)
+    def __init__(self, dataset, rank, world_size, shuffle=False, seed=0):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist() if shuffle \
+            else range(len(dataset))
+        self.indices = order[rank::world_size]
 
     def __iter__(self):
         return iter(self.indices)
@@ -87,9 +89,13 @@ def train_sampler(dataset, runtime, kind='distributed', seed=0):
     raise ValueError(f'unknown train sampler {kind!r}; valid: distributed, repeated')
 
 
-def eval_sampler(dataset, runtime, sharded):
-    """In dataset (class) order: the whole set on every rank, or one interleaved shard per rank."""
-    return ShardSampler(dataset, runtime.rank, runtime.world_size) if sharded else SequentialSampler(dataset)
+def eval_sampler(dataset, runtime, sharded, shuffle=False, seed=0):
+    """The whole set on every rank, or one interleaved shard per rank; in dataset (class) order,
+    or shuffled once with `seed` (the same order on every rank)."""
+    if sharded or shuffle:
+        return ShardSampler(dataset, runtime.rank if sharded else 0, runtime.world_size if sharded else 1,
+                            shuffle, seed)
+    return SequentialSampler(dataset)
 
 
 def loader(dataset, sampler, batch_size, workers, pin_memory, train, seed=0):
@@ -104,7 +110,3 @@ def loader(dataset, sampler, batch_size, workers, pin_memory, train, seed=0):
 def set_epoch(sampler, epoch):
     if hasattr(sampler, 'set_epoch'):
         sampler.set_epoch(epoch)
-
-
-def batches_per_epoch(num_samples, batch_size, drop_last):
-    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)

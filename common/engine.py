@@ -7,7 +7,7 @@ from collections import defaultdict
 import torch
 from timm.utils import accuracy
 
-from common.distributed import all_reduce_sum
+from common.runtime import all_reduce_sum
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,7 +50,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, 
                     mixup_fn=None, accumulation_steps=1, step_update=None, print_freq=10, echo=print):
     """Train for one pass over `loader`; returns the averaged stats {'lr', 'loss', ...}.
 
-    step_update(optimizer_step) is called after every optimizer step (per-step schedulers);
+    step_update(steps) is called after every optimizer step with the number of steps taken before
+    it since training began (per-step schedulers, as Swin's);
     gradients are clipped to `clip_grad` (max norm) when given. A non-finite loss raises
     NonFiniteLossError before any parameter is touched by it.
     """
@@ -74,9 +75,9 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, 
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            steps_done += 1
             if step_update is not None:
                 step_update(steps_done)
+            steps_done += 1
             meters.update(grad_norm=float(grad_norm))
         meters.update(n=len(images), loss=loss_value, lr=optimizer.param_groups[-1]['lr'])
         meters.step(i)

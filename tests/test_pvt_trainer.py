@@ -41,10 +41,12 @@ def test_train_then_rerun_resumes_then_eval(tiny_data, tmp_path):
     assert '* Acc@1' in evaluated and 'on the 40 test images' in evaluated
 
 
-def test_two_processes_train_and_dist_eval_counts_each_image_once(tiny_data, tmp_path):
+def test_two_processes_train_resume_and_dist_eval_counting_each_image_once(tiny_data, tmp_path):
     out = str(tmp_path / 'run')
     run(CWD, train_args(B0, tiny_data, out, 1), nproc=2)
     assert log_epochs(out) == [0]
+    assert 'Resumed from' in run(CWD, train_args(B0, tiny_data, out, 2), nproc=2)
+    assert log_epochs(out) == [0, 1]
     ckpt = os.path.join(out, 'checkpoint.pth')
     eval_args = ['main.py', '--eval', '--config', B0, '--resume', ckpt, '--data-path', tiny_data, *FAST]
     distributed = run(CWD, eval_args + ['--dist-eval'], nproc=2)

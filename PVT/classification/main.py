@@ -28,7 +28,8 @@ from timm.scheduler import create_scheduler
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets
 
-from common import checkpoint, data, distributed, engine
+from common import checkpoint, data, engine
+from common.runtime import init_runtime, shutdown
 
 
 def get_args_parser():
@@ -174,7 +175,7 @@ def build_datasets(args):
 
 
 def main(args):
-    runtime = distributed.init_runtime(args.device)
+    runtime = init_runtime(args.device)
     device = runtime.device
 
     def echo(*a):
@@ -318,7 +319,7 @@ def cli(argv=None):
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
     main(args)
-    distributed.shutdown()
+    shutdown()
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""Process groups for torchrun-launched (or plain single-process) runs, on CUDA or CPU."""
+"""The process's runtime: device, process group (torchrun or a single process), CPU tuning."""
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -45,8 +46,24 @@ def init_runtime(device=None):
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://',
                                 rank=rank, world_size=world)
         dist.barrier()
-    torch.set_flush_denormal(True)  # CPU: Swin's -100 shift mask yields denormals that slow matmuls ~4x
+    if dev.type == 'cpu':
+        tune_cpu()
     return Runtime(rank, world, local, dev)
+
+
+def tune_cpu():
+    """Two process-wide settings that make CPU training markedly faster, with the same results:
+    flush denormal floats to zero (Swin's -100 shift mask otherwise yields denormals that slow its
+    attention matmuls ~4x), and let glibc keep freed memory for reuse instead of returning every
+    large tensor to the OS and page-faulting it back in on the next step (~20% per step).
+    Call it before the first parallel torch op: worker threads copy the denormal mode when they start."""
+    torch.set_flush_denormal(True)
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: serve blocks up to 32 MiB (the maximum) from the heap
+    libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: do not give freed heap memory back to the OS
 
 
 def shutdown():
@@ -63,11 +80,3 @@ def all_reduce_sum(values, device):
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
-
-
-def broadcast_flag(flag, device):
-    """Rank 0's boolean, on every rank."""
-    t = torch.tensor([int(flag)], device=device)
-    if dist.is_initialized():
-        dist.broadcast(t, 0)
-    return bool(t.item())

@@ -1,0 +1,255 @@
+"""The Swin trainer's yacs config: the upstream tree and defaults, plus MODEL.ISTA2.
+
+Precedence: defaults < the --cfg file (after the files its BASE list names) < --opts KEY VALUE
+pairs < the dedicated command-line flags. The run's folder is OUTPUT/MODEL.NAME/TAG.
+"""
+import difflib
+import os
+
+import yaml
+from yacs.config import CfgNode as CN
+
+_C = CN()
+_C.BASE = ['']
+
+_C.DATA = CN()
+_C.DATA.BATCH_SIZE = 128  # per process
+_C.DATA.DATA_PATH = ''
+_C.DATA.DATASET = 'imagenet'
+_C.DATA.IMG_SIZE = 224
+_C.DATA.INTERPOLATION = 'bicubic'
+_C.DATA.ZIP_MODE = False
+_C.DATA.CACHE_MODE = 'part'
+_C.DATA.PIN_MEMORY = True
+_C.DATA.NUM_WORKERS = 8
+_C.DATA.MASK_PATCH_SIZE = 32
+_C.DATA.MASK_RATIO = 0.6
+
+_C.MODEL = CN()
+_C.MODEL.TYPE = 'swin'
+_C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
+_C.MODEL.PRETRAINED = ''
+_C.MODEL.RESUME = ''
+_C.MODEL.NUM_CLASSES = 1000  # replaced by the number of class folders in the training set
+_C.MODEL.DROP_RATE = 0.0
+_C.MODEL.DROP_PATH_RATE = 0.1
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+_C.MODEL.ISTA2 = CN()
+_C.MODEL.ISTA2.QK_NORM = False
+_C.MODEL.ISTA2.V_NORM = False
+_C.MODEL.ISTA2.NORM_TYPE = 'rmsnorm'
+_C.MODEL.ISTA2.ISTA2_METHOD = None
+_C.MODEL.ISTA2.ATTN_INTER_TOPK = 0
+_C.MODEL.ISTA2.REP_TKN_TYPE = None
+_C.MODEL.ISTA2.REP_TKN_RATIO = None  # with 'random': one ratio per stage
+_C.MODEL.ISTA2.CLS_TKN_IDX = None
+_C.MODEL.ISTA2.BG_TKN_IDX = None
+_C.MODEL.ISTA2.BS_RATIO = None
+_C.MODEL.ISTA2.ACROSS_GPUS = False
+
+_C.MODEL.SWIN = CN()
+_C.MODEL.SWIN.PATCH_SIZE = 4
+_C.MODEL.SWIN.IN_CHANS = 3
+_C.MODEL.SWIN.EMBED_DIM = 96
+_C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN.WINDOW_SIZE = 7
+_C.MODEL.SWIN.MLP_RATIO = 4.
+_C.MODEL.SWIN.QKV_BIAS = True
+_C.MODEL.SWIN.QK_SCALE = None
+_C.MODEL.SWIN.APE = False
+_C.MODEL.SWIN.PATCH_NORM = True
+
+# Nodes of upstream's other model types, kept so that their config files still parse;
+# only MODEL.TYPE 'swin' can be built here.
+_C.MODEL.SWINV2 = CN()
+_C.MODEL.SWINV2.PATCH_SIZE = 4
+_C.MODEL.SWINV2.IN_CHANS = 3
+_C.MODEL.SWINV2.EMBED_DIM = 96
+_C.MODEL.SWINV2.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWINV2.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWINV2.WINDOW_SIZE = 7
+_C.MODEL.SWINV2.MLP_RATIO = 4.
+_C.MODEL.SWINV2.QKV_BIAS = True
+_C.MODEL.SWINV2.APE = False
+_C.MODEL.SWINV2.PATCH_NORM = True
+_C.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+
+_C.MODEL.SWIN_MOE = CN()
+_C.MODEL.SWIN_MOE.PATCH_SIZE = 4
+_C.MODEL.SWIN_MOE.IN_CHANS = 3
+_C.MODEL.SWIN_MOE.EMBED_DIM = 96
+_C.MODEL.SWIN_MOE.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN_MOE.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN_MOE.WINDOW_SIZE = 7
+_C.MODEL.SWIN_MOE.MLP_RATIO = 4.
+_C.MODEL.SWIN_MOE.QKV_BIAS = True
+_C.MODEL.SWIN_MOE.QK_SCALE = None
+_C.MODEL.SWIN_MOE.APE = False
+_C.MODEL.SWIN_MOE.PATCH_NORM = True
+_C.MODEL.SWIN_MOE.MLP_FC2_BIAS = True
+_C.MODEL.SWIN_MOE.INIT_STD = 0.02
+_C.MODEL.SWIN_MOE.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+_C.MODEL.SWIN_MOE.MOE_BLOCKS = [[-1], [-1], [-1], [-1]]
+_C.MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS = 1
+_C.MODEL.SWIN_MOE.TOP_VALUE = 1
+_C.MODEL.SWIN_MOE.CAPACITY_FACTOR = 1.25
+_C.MODEL.SWIN_MOE.COSINE_ROUTER = False
+_C.MODEL.SWIN_MOE.NORMALIZE_GATE = False
+_C.MODEL.SWIN_MOE.USE_BPR = True
+_C.MODEL.SWIN_MOE.IS_GSHARD_LOSS = False
+_C.MODEL.SWIN_MOE.GATE_NOISE = 1.0
+_C.MODEL.SWIN_MOE.COSINE_ROUTER_DIM = 256
+_C.MODEL.SWIN_MOE.COSINE_ROUTER_INIT_T = 0.5
+_C.MODEL.SWIN_MOE.MOE_DROP = 0.0
+_C.MODEL.SWIN_MOE.AUX_LOSS_WEIGHT = 0.01
+
+_C.MODEL.SWIN_MLP = CN()
+_C.MODEL.SWIN_MLP.PATCH_SIZE = 4
+_C.MODEL.SWIN_MLP.IN_CHANS = 3
+_C.MODEL.SWIN_MLP.EMBED_DIM = 96
+_C.MODEL.SWIN_MLP.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN_MLP.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN_MLP.WINDOW_SIZE = 7
+_C.MODEL.SWIN_MLP.MLP_RATIO = 4.
+_C.MODEL.SWIN_MLP.APE = False
+_C.MODEL.SWIN_MLP.PATCH_NORM = True
+
+_C.MODEL.SIMMIM = CN()
+_C.MODEL.SIMMIM.NORM_TARGET = CN()
+_C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
+_C.MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE = 47
+
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+_C.TRAIN.BASE_LR = 5e-4  # for a total batch of 512; scaled linearly
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+_C.TRAIN.CLIP_GRAD = 5.0
+_C.TRAIN.AUTO_RESUME = True
+_C.TRAIN.ACCUMULATION_STEPS = 1
+_C.TRAIN.USE_CHECKPOINT = False
+_C.TRAIN.LAYER_DECAY = 1.0
+_C.TRAIN.LR_SCHEDULER = CN()
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True
+_C.TRAIN.LR_SCHEDULER.GAMMA = 0.1
+_C.TRAIN.LR_SCHEDULER.MULTISTEPS = []
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = 'adamw'
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+_C.TRAIN.MOE = CN()
+_C.TRAIN.MOE.SAVE_MASTER = False
+
+_C.AUG = CN()
+_C.AUG.COLOR_JITTER = 0.4
+_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'  # 'none' turns it off
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = 'pixel'
+_C.AUG.RECOUNT = 1
+_C.AUG.MIXUP = 0.8
+_C.AUG.CUTMIX = 1.0
+_C.AUG.CUTMIX_MINMAX = None
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+_C.AUG.MIXUP_MODE = 'batch'
+
+_C.TEST = CN()
+_C.TEST.CROP = True
+_C.TEST.SEQUENTIAL = False
+_C.TEST.SHUFFLE = False
+
+_C.ENABLE_AMP = False
+_C.AMP_ENABLE = True
+_C.AMP_OPT_LEVEL = ''
+_C.OUTPUT = ''
+_C.TAG = 'default'
+_C.SAVE_FREQ = 1
+_C.PRINT_FREQ = 10
+_C.SEED = 0
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+_C.LOCAL_RANK = 0
+_C.FUSED_WINDOW_PROCESS = False
+_C.FUSED_LAYERNORM = False
+
+
+def _merge_file(config, path):
+    """Merge `path` after the files its BASE list names (relative to it), recursively."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'config file {path!r} does not exist')
+    with open(path) as f:
+        content = yaml.safe_load(f) or {}
+    for base in content.get('BASE', ['']):
+        if base:
+            _merge_file(config, os.path.join(os.path.dirname(path), base))
+    config.defrost()
+    try:
+        config.merge_from_file(path)
+    except KeyError as e:
+        raise KeyError(f'{path}: {e.args[0]}') from None
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from None
+
+
+def get_config(args):
+    """The frozen config for parsed command-line `args` (see main.parse_option)."""
+    config = _C.clone()
+    _merge_file(config, args.cfg)
+    config.defrost()
+    if args.opts:
+        if len(args.opts) % 2:
+            raise ValueError(f'--opts needs KEY VALUE pairs, got {len(args.opts)} items: {args.opts}')
+        for key in args.opts[0::2]:
+            _check_key(config, key)
+        config.merge_from_list(args.opts)
+    flags = {'batch_size': 'DATA.BATCH_SIZE', 'data_path': 'DATA.DATA_PATH', 'cache_mode': 'DATA.CACHE_MODE',
+             'pretrained': 'MODEL.PRETRAINED', 'resume': 'MODEL.RESUME', 'accumulation_steps':
+             'TRAIN.ACCUMULATION_STEPS', 'output': 'OUTPUT', 'tag': 'TAG', 'optim': 'TRAIN.OPTIMIZER.NAME'}
+    for flag, key in flags.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            node, leaf = _node(config, key)
+            setattr(node, leaf, value)
+    if args.zip:
+        config.DATA.ZIP_MODE = True
+    if args.use_checkpoint:
+        config.TRAIN.USE_CHECKPOINT = True
+    if args.disable_amp or args.amp_opt_level == 'O0':
+        config.AMP_ENABLE = False
+    config.EVAL_MODE = config.EVAL_MODE or args.eval
+    config.THROUGHPUT_MODE = config.THROUGHPUT_MODE or args.throughput
+    config.FUSED_WINDOW_PROCESS = config.FUSED_WINDOW_PROCESS or args.fused_window_process
+    config.FUSED_LAYERNORM = config.FUSED_LAYERNORM or args.fused_layernorm
+    config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', args.local_rank or 0))
+    config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    config.freeze()
+    return config
+
+
+def _check_key(config, dotted):
+    """KeyError naming `dotted` and the closest existing key when the config has no such key."""
+    node = config
+    for i, name in enumerate(dotted.split('.')):
+        if not isinstance(node, CN) or name not in node:
+            known = [k for k in node] if isinstance(node, CN) else []
+            hint = difflib.get_close_matches(name, known, n=1)
+            where = '.'.join(dotted.split('.')[:i]) or 'the top level'
+            raise KeyError(f'--opts: unknown config key {dotted!r}: no {name!r} under {where}'
+                           + (f' (did you mean {hint[0]!r}?)' if hint else ''))
+        node = node[name]
+
+
+def _node(config, dotted):
+    *path, leaf = dotted.split('.')
+    for name in path:
+        config = getattr(config, name)
+    return config, leaf

@@ -1,0 +1,84 @@
+"""Train-step time and peak memory of whole models, baseline against ISTA2, each built from its config file.
+
+    python benchmarks/bench_train_step.py [--pairs pvt_v2_b0 pvt_v2_b2] [--batch 16] [--size 224] [--repeats 5]
+
+A step is forward, cross-entropy, backward and an AdamW update, in fp32 on the CPU (or on the GPU
+when there is one). Every variant runs in its own process.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from measure import compare, report, time_step  # noqa: E402
+
+from common.runtime import tune_cpu  # noqa: E402
+
+PAIRS = {'pvt_v2_b0': 'pvt_v2_b0_ista2', 'pvt_v2_b2': 'pvt_v2_b2_ista2'}
+
+
+def build(name):
+    """The model a config file describes, as its trainer would build it (1000 classes)."""
+    if name.startswith('pvt_v2'):
+        from mmengine.config import Config
+        sys.path.insert(0, os.path.join(ROOT, 'PVT', 'classification'))
+        from pvt_v2 import create_model
+        cfg = Config.fromfile(os.path.join(ROOT, 'PVT', 'classification', 'configs', 'pvt_v2_ista2', f'{name}.py'))
+        cfg = cfg.to_dict()['cfg']
+        return create_model(cfg['model'], drop_path_rate=cfg['drop_path'], ista2_args=cfg['ista2_args'])
+    raise ValueError(f'unknown model {name!r}; valid: {", ".join(sorted(set(PAIRS) | set(PAIRS.values())))}')
+
+
+def worker(name, batch, size, repeats):
+    tune_cpu()  # as the trainers do, before any parallel op
+    torch.manual_seed(0)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    model = build(name).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    result = time_step(step, repeats)
+    if device.type == 'cuda':
+        result['peak_mib'] = torch.cuda.max_memory_allocated() / 2 ** 20
+    report(result)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--pairs', nargs='+', default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--repeats', type=int, default=5, help='timed steps per process')
+    parser.add_argument('--rounds', type=int, default=3, help='processes per variant, alternating')
+    parser.add_argument('--worker', nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        name, batch, size, repeats = args.worker
+        return worker(name, int(batch), int(size), int(repeats))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'
+    print(f'torch {torch.__version__}, {device}; batch {args.batch} at {args.size}px, train step (fwd+bwd+AdamW), '
+          f'median over {args.rounds} alternating processes of the median of {args.repeats} steps')
+    print(f'{"model":18} {"step ms":>9} {"peak MiB":>9} {"time x":>7} {"mem x":>7}')
+    for baseline in args.pairs:
+        results = compare(__file__, (baseline, PAIRS[baseline]), (args.batch, args.size, args.repeats), args.rounds)
+        base = results[baseline]
+        for name, r in results.items():
+            print(f'{name:18} {1e3 * r["seconds"]:9.1f} {r["peak_mib"]:9.1f} {r["seconds"] / base["seconds"]:7.2f} '
+                  f'{r["peak_mib"] / base["peak_mib"]:7.2f}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,65 @@
+"""Swin main.py end to end on a tiny dataset: one process and torchrun with 2 (gloo), train/eval/resume, errors."""
+import json
+import os
+
+import torch
+
+from tests.conftest import run
+
+CWD = 'SWIN/classification'
+BASE = 'configs/swin_ista2/swin_tiny_patch4_window7_224.yaml'
+ISTA2 = 'configs/swin_ista2/swin_tiny_ista2_patch4_window7_224.yaml'
+SMALL = ['DATA.IMG_SIZE', '32', 'MODEL.SWIN.WINDOW_SIZE', '4', 'MODEL.SWIN.EMBED_DIM', '24', 'MODEL.SWIN.DEPTHS',
+         '[2, 2]', 'MODEL.SWIN.NUM_HEADS', '[2, 4]', 'TRAIN.WARMUP_EPOCHS', '0', 'DATA.NUM_WORKERS', '0']
+
+
+def args(config, data, out, epochs, *extra, opts=()):
+    return ['main.py', '--cfg', config, '--data-path', data, '--output', out, '--batch-size', '8', *extra,
+            '--opts', *SMALL, 'TRAIN.EPOCHS', epochs, *opts]
+
+
+def test_train_rerun_resumes_eval_and_throughput(tiny_data, tmp_path):
+    out = str(tmp_path / 'out')
+    run(CWD, args(ISTA2, tiny_data, out, 1))
+    run_dir = os.path.join(out, 'swin_tiny_ista2_patch4_window7_224', 'default')
+    assert sorted(os.listdir(run_dir)) == ['ckpt.pth', 'config.json', 'log_rank0.txt', 'model_best.pth']
+    with open(os.path.join(run_dir, 'config.json')) as f:
+        assert json.load(f)['MODEL']['ISTA2']['REP_TKN_TYPE'] == 'mean'
+    ckpt = torch.load(os.path.join(run_dir, 'ckpt.pth'), weights_only=True)
+    assert set(ckpt) == {'model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'scaler', 'epoch', 'config'}
+    assert ckpt['config']['MODEL']['NUM_CLASSES'] == 10
+
+    assert 'continuing at epoch 1' in run(CWD, args(ISTA2, tiny_data, out, 2))
+    assert torch.load(os.path.join(run_dir, 'ckpt.pth'), weights_only=True)['epoch'] == 1
+
+    evaluated = run(CWD, args(ISTA2, tiny_data, out, 2, '--eval', '--resume', os.path.join(run_dir, 'ckpt.pth')))
+    assert 'Accuracy of the network on the 40 test images' in evaluated and 'Start training' not in evaluated
+    assert 'throughput' in run(CWD, args(ISTA2, tiny_data, out, 2, '--throughput'))
+
+
+def test_baseline_and_ista2_runs_never_share_a_folder(tiny_data, tmp_path):
+    out = str(tmp_path / 'out')
+    output = run(CWD, args(BASE, tiny_data, out, 1, '--eval'), expect_ok=False)
+    assert '--eval needs a checkpoint' in output
+    run(CWD, args(ISTA2, tiny_data, out, 1))
+    assert 'auto resuming' not in run(CWD, args(BASE, tiny_data, out, 1))
+    assert sorted(os.listdir(out)) == ['swin_tiny_ista2_patch4_window7_224', 'swin_tiny_patch4_window7_224']
+
+
+def test_two_processes_train_resume_and_eval(tiny_data, tmp_path):
+    out = str(tmp_path / 'out')
+    run(CWD, args(ISTA2, tiny_data, out, 1), nproc=2)
+    run_dir = os.path.join(out, 'swin_tiny_ista2_patch4_window7_224', 'default')
+    assert {'log_rank0.txt', 'log_rank1.txt', 'ckpt.pth'} <= set(os.listdir(run_dir))
+    assert 'continuing at epoch 1' in run(CWD, args(ISTA2, tiny_data, out, 2), nproc=2)
+    evaluated = run(CWD, args(ISTA2, tiny_data, out, 2, '--eval'), nproc=2)
+    assert 'Accuracy of the network on the 40 test images' in evaluated
+
+
+def test_bad_input_fails_clearly(tiny_data, tmp_path):
+    out = str(tmp_path / 'out')
+    assert "unknown config key 'MODEL.ISTA2.QK_NROM': no 'QK_NROM' under MODEL.ISTA2 (did you mean 'QK_NORM'?)" in run(
+        CWD, args(ISTA2, tiny_data, out, 1, opts=['MODEL.ISTA2.QK_NROM', 'True']), expect_ok=False)
+    assert 'not supported here: DATA.ZIP_MODE' in run(CWD, args(ISTA2, tiny_data, out, 1, '--zip'), expect_ok=False)
+    assert "invalid rep_tkn_type='max'" in run(
+        CWD, args(ISTA2, tiny_data, out, 1, opts=['MODEL.ISTA2.REP_TKN_TYPE', 'max']), expect_ok=False)
