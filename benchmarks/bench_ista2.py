@@ -17,11 +17,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import compare, report, time_step  # noqa: E402
-
+from common.ista2 import ISTA2  # noqa: E402
 from common.runtime import tune_cpu  # noqa: E402
 
-from common.ista2 import ISTA2  # noqa: E402
+from measure import compare, report, time_step  # noqa: E402
 
 PUBLISHED = dict(qk_norm=True, v_norm=True, ista2_method='v', attn_inter_topk=1, rep_tkn_type='mean')
 # name: (dim, heads, query tokens, kv tokens, windows per image)

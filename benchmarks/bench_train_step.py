@@ -14,9 +14,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from measure import compare, report, time_step  # noqa: E402
-
 from common.runtime import tune_cpu  # noqa: E402
+
+from measure import compare, report, time_step  # noqa: E402
 
 PAIRS = {'pvt_v2_b0': 'pvt_v2_b0_ista2', 'pvt_v2_b2': 'pvt_v2_b2_ista2'}
 

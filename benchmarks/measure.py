@@ -7,7 +7,6 @@ import sys
 import time
 
 
-
 def current_rss_mib():
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20

@@ -9,9 +9,9 @@ import torch
 from timm.models.pvt_v2 import checkpoint_filter_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'PVT' / 'classification'))
-from pvt_v2 import VARIANTS, create_model  # noqa: E402
-
 from common.checkpoint import CheckpointError, load_weights  # noqa: E402
+
+from pvt_v2 import VARIANTS, create_model  # noqa: E402
 
 PUBLISHED = dict(qk_norm=True, v_norm=True, ista2_method='v', attn_inter_topk=1, rep_tkn_type='mean')
 UPSTREAM_PARAMS = {'pvt_v2_b0': 3_666_760, 'pvt_v2_b1': 14_009_000, 'pvt_v2_b2': 25_362_856,

@@ -20,7 +20,6 @@ import time
 import numpy as np
 import torch
 from mmengine.config import Config
-from pvt_v2 import create_model
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer
@@ -30,6 +29,8 @@ from torchvision import datasets
 
 from common import checkpoint, data, engine
 from common.runtime import init_runtime, shutdown
+
+from pvt_v2 import create_model
 
 
 def get_args_parser():

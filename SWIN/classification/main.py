@@ -1,6 +1,7 @@
 """Swin Transformer (+ ISTA2) ImageNet classification with the upstream Swin command line.
 
-    torchrun --nproc_per_node N --master_port 12000 main.py --cfg configs/swin_ista2/swin_tiny_ista2_patch4_window7_224.yaml \
+    torchrun --nproc_per_node N --master_port 12000 main.py \
+        --cfg configs/swin_ista2/swin_tiny_ista2_patch4_window7_224.yaml \
         --data-path /path/to/imagenet [--output DIR --batch-size B]
     torchrun --nproc_per_node N main.py --eval --cfg CFG --resume CKPT --data-path DATA
 
@@ -25,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common import checkpoint, data, engine
 from common.runtime import init_runtime, shutdown
+
 from config import get_config
 from models import build_model
 
