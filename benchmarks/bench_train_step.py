@@ -18,7 +18,8 @@ from common.runtime import tune_cpu  # noqa: E402
 
 from measure import compare, report, time_step  # noqa: E402
 
-PAIRS = {'pvt_v2_b0': 'pvt_v2_b0_ista2', 'pvt_v2_b2': 'pvt_v2_b2_ista2'}
+PAIRS = {'pvt_v2_b0': 'pvt_v2_b0_ista2', 'pvt_v2_b2': 'pvt_v2_b2_ista2',
+         'swin_tiny_patch4_window7_224': 'swin_tiny_ista2_patch4_window7_224'}
 
 
 def build(name):
@@ -30,6 +31,12 @@ def build(name):
         cfg = Config.fromfile(os.path.join(ROOT, 'PVT', 'classification', 'configs', 'pvt_v2_ista2', f'{name}.py'))
         cfg = cfg.to_dict()['cfg']
         return create_model(cfg['model'], drop_path_rate=cfg['drop_path'], ista2_args=cfg['ista2_args'])
+    if name.startswith('swin'):
+        sys.path.insert(0, os.path.join(ROOT, 'SWIN', 'classification'))
+        from config import load_config
+        from models import build_model
+        return build_model(load_config(os.path.join(ROOT, 'SWIN', 'classification', 'configs', 'swin_ista2',
+                                                    f'{name}.yaml')))
     raise ValueError(f'unknown model {name!r}; valid: {", ".join(sorted(set(PAIRS) | set(PAIRS.values())))}')
 
 
@@ -58,7 +65,7 @@ def worker(name, batch, size, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--pairs', nargs='+', default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument('--pairs', nargs='+', default=list(PAIRS), choices=list(PAIRS), help='baseline names')
     parser.add_argument('--batch', type=int, default=16)
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--repeats', type=int, default=5, help='timed steps per process')
@@ -71,12 +78,12 @@ def main():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'
     print(f'torch {torch.__version__}, {device}; batch {args.batch} at {args.size}px, train step (fwd+bwd+AdamW), '
           f'median over {args.rounds} alternating processes of the median of {args.repeats} steps')
-    print(f'{"model":18} {"step ms":>9} {"peak MiB":>9} {"time x":>7} {"mem x":>7}')
+    print(f'{"model":36} {"step ms":>9} {"peak MiB":>9} {"time x":>7} {"mem x":>7}')
     for baseline in args.pairs:
         results = compare(__file__, (baseline, PAIRS[baseline]), (args.batch, args.size, args.repeats), args.rounds)
         base = results[baseline]
         for name, r in results.items():
-            print(f'{name:18} {1e3 * r["seconds"]:9.1f} {r["peak_mib"]:9.1f} {r["seconds"] / base["seconds"]:7.2f} '
+            print(f'{name:36} {1e3 * r["seconds"]:9.1f} {r["peak_mib"]:9.1f} {r["seconds"] / base["seconds"]:7.2f} '
                   f'{r["peak_mib"] / base["peak_mib"]:7.2f}')
 
 

@@ -200,17 +200,23 @@ def _merge_file(config, path):
         raise ValueError(f'{path}: {e}') from None
 
 
+def load_config(path, opts=()):
+    """Defaults merged with the yaml file at `path` and the KEY VALUE list `opts` (not frozen)."""
+    config = _C.clone()
+    _merge_file(config, path)
+    config.defrost()
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f'--opts needs KEY VALUE pairs, got {len(opts)} items: {opts}')
+        for key in opts[0::2]:
+            _check_key(config, key)
+        config.merge_from_list(list(opts))
+    return config
+
+
 def get_config(args):
     """The frozen config for parsed command-line `args` (see main.parse_option)."""
-    config = _C.clone()
-    _merge_file(config, args.cfg)
-    config.defrost()
-    if args.opts:
-        if len(args.opts) % 2:
-            raise ValueError(f'--opts needs KEY VALUE pairs, got {len(args.opts)} items: {args.opts}')
-        for key in args.opts[0::2]:
-            _check_key(config, key)
-        config.merge_from_list(args.opts)
+    config = load_config(args.cfg, args.opts or ())
     flags = {'batch_size': 'DATA.BATCH_SIZE', 'data_path': 'DATA.DATA_PATH', 'cache_mode': 'DATA.CACHE_MODE',
              'pretrained': 'MODEL.PRETRAINED', 'resume': 'MODEL.RESUME', 'accumulation_steps':
              'TRAIN.ACCUMULATION_STEPS', 'output': 'OUTPUT', 'tag': 'TAG', 'optim': 'TRAIN.OPTIMIZER.NAME'}
