@@ -15,7 +15,7 @@ venv: $(VENV)/.requirements
 	$(PIP) install --no-deps --no-build-isolation -e .
 
 test: venv
-	$(PY) -m ruff check common tests benchmarks PVT SWIN
+	$(PY) -m ruff check common tests benchmarks PVT SWIN CVT
 	$(PY) -m pytest -q
 
 demo: venv

@@ -19,7 +19,8 @@ from common.runtime import tune_cpu  # noqa: E402
 from measure import compare, report, time_step  # noqa: E402
 
 PAIRS = {'pvt_v2_b0': 'pvt_v2_b0_ista2', 'pvt_v2_b2': 'pvt_v2_b2_ista2',
-         'swin_tiny_patch4_window7_224': 'swin_tiny_ista2_patch4_window7_224'}
+         'swin_tiny_patch4_window7_224': 'swin_tiny_ista2_patch4_window7_224',
+         'cvt-13-224x224': 'cvt-13-ista2-224x224'}
 
 
 def build(name):
@@ -37,6 +38,13 @@ def build(name):
         from models import build_model
         return build_model(load_config(os.path.join(ROOT, 'SWIN', 'classification', 'configs', 'swin_ista2',
                                                     f'{name}.yaml')))
+    if name.startswith('cvt'):
+        from argparse import Namespace
+        sys.path.insert(0, os.path.join(ROOT, 'CVT', 'classification'))
+        from lib.config import config, update_config
+        from lib.models import build_model
+        path = os.path.join(ROOT, 'CVT', 'classification', 'experiments', 'imagenet', 'cvt_ista2', f'{name}.yaml')
+        return build_model(update_config(config.clone(), Namespace(cfg=path, opts=[])))
     raise ValueError(f'unknown model {name!r}; valid: {", ".join(sorted(set(PAIRS) | set(PAIRS.values())))}')
 
 

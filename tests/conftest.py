@@ -34,12 +34,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(cwd, args, nproc=None, expect_ok=True, timeout=300):
-    """Run a trainer in `cwd` (relative to the repo): plain python, or torchrun with nproc processes."""
-    launcher = [sys.executable]
-    if nproc:
-        launcher += ['-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(free_port())]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+def run(cwd, args, nproc=None, expect_ok=True, timeout=300, launcher=None):
+    """Run a trainer in `cwd` (relative to the repo): plain python, torchrun with nproc processes,
+    or another launcher ('bash' for run.sh) with this venv's python first on the PATH."""
+    if launcher:
+        launcher = [launcher]
+    else:
+        launcher = [sys.executable]
+        if nproc:
+            launcher += ['-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port',
+                         str(free_port())]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore',
+           'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')}
     proc = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT / cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     output = proc.stdout + proc.stderr

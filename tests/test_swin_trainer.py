@@ -63,3 +63,14 @@ def test_bad_input_fails_clearly(tiny_data, tmp_path):
     assert 'not supported here: DATA.ZIP_MODE' in run(CWD, args(ISTA2, tiny_data, out, 1, '--zip'), expect_ok=False)
     assert "invalid rep_tkn_type='max'" in run(
         CWD, args(ISTA2, tiny_data, out, 1, opts=['MODEL.ISTA2.REP_TKN_TYPE', 'max']), expect_ok=False)
+
+
+def test_pretrained_weights_are_resized_to_a_new_window_and_head(tiny_data, tmp_path):
+    out = str(tmp_path / 'out')
+    run(CWD, args(BASE, tiny_data, out, 1))
+    ckpt = os.path.join(out, 'swin_tiny_patch4_window7_224', 'default', 'ckpt.pth')
+    # window 2 instead of 4 (smaller relative-position tables), ISTA2 norms that the checkpoint lacks
+    output = run(CWD, args(ISTA2, tiny_data, str(tmp_path / 'ft'), 1, '--pretrained', ckpt,
+                           opts=['MODEL.SWIN.WINDOW_SIZE', '2']))
+    assert 'keys new to this model' in output and 'ista2.q_norm_layer.weight' in output
+    assert 'relative_position_bias_table' not in output.split('keys new to this model')[1].splitlines()[0]

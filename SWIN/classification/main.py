@@ -142,8 +142,8 @@ def load_pretrained(config, model, logger):
             grid = value.reshape(1, side, side, -1).permute(0, 3, 1, 2)
             state[key] = F.interpolate(grid, size=(new_side, new_side), mode='bicubic').flatten(2).transpose(1, 2)
         elif key.startswith('head.'):
-            logger.info(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}: re-initialised')
-            state[key] = torch.zeros_like(own[key]) if key.endswith('bias') else own[key]
+            logger.info(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}: set to zero')
+            state[key] = torch.zeros_like(own[key])
     missing = checkpoint.load_weights(model, state, strict=False, source=config.MODEL.PRETRAINED)
     missing = [k for k in missing if not k.endswith(('relative_position_index', 'attn_mask'))]
     logger.info(f'=> loaded {config.MODEL.PRETRAINED}; keys new to this model (left initialised): {missing}')

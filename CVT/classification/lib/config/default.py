@@ -1,0 +1,207 @@
+"""The CvT trainer's yacs config: the upstream tree and defaults, plus MODEL.ISTA2.
+
+update_config applies, in order: the --cfg file (after the files its BASE list names), the
+trailing KEY VALUE overrides, TRAIN.SCALE_LR (lr x world size), and the derived values upstream
+sets (NAME, RANK, the timm scheduler's epochs, the timm optimizer's lr, MIXUP_PROB).
+"""
+import difflib
+import os
+
+import yaml
+from yacs.config import CfgNode as CN
+
+_C = CN()
+_C.BASE = ['']
+_C.NAME = ''
+_C.DATA_DIR = ''
+_C.DIST_BACKEND = 'nccl'
+_C.GPUS = (0,)
+_C.MULTIPROCESSING_DISTRIBUTED = True
+_C.OUTPUT_DIR = ''
+_C.PIN_MEMORY = True
+_C.PRINT_FREQ = 20
+_C.RANK = 0
+_C.VERBOSE = True
+_C.WORKERS = 4
+_C.MODEL_SUMMARY = False
+
+_C.AMP = CN()
+_C.AMP.ENABLED = False
+_C.AMP.MEMORY_FORMAT = 'nchw'
+
+_C.CUDNN = CN()
+_C.CUDNN.BENCHMARK = True
+_C.CUDNN.DETERMINISTIC = False
+_C.CUDNN.ENABLED = True
+
+_C.MODEL = CN()
+_C.MODEL.NAME = 'cls_hrnet'
+_C.MODEL.INIT_WEIGHTS = True
+_C.MODEL.PRETRAINED = ''
+_C.MODEL.PRETRAINED_LAYERS = ['*']
+_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.SPEC = CN(new_allowed=True)
+
+_C.MODEL.ISTA2 = CN()
+_C.MODEL.ISTA2.QK_NORM = False
+_C.MODEL.ISTA2.V_NORM = False
+_C.MODEL.ISTA2.NORM_TYPE = 'rmsnorm'
+_C.MODEL.ISTA2.ISTA2_METHOD = None
+_C.MODEL.ISTA2.ATTN_INTER_TOPK = 0
+_C.MODEL.ISTA2.REP_TKN_TYPE = None
+_C.MODEL.ISTA2.REP_TKN_RATIO = None
+_C.MODEL.ISTA2.BS_RATIO = None
+_C.MODEL.ISTA2.ACROSS_GPUS = False
+
+_C.LOSS = CN(new_allowed=True)
+_C.LOSS.LABEL_SMOOTHING = 0.0
+_C.LOSS.LOSS = 'softmax'
+
+_C.DATASET = CN()
+_C.DATASET.ROOT = ''
+_C.DATASET.DATASET = 'imagenet'
+_C.DATASET.TRAIN_SET = 'train'
+_C.DATASET.TEST_SET = 'val'
+_C.DATASET.DATA_FORMAT = 'jpg'
+_C.DATASET.LABELMAP = ''
+_C.DATASET.TRAIN_TSV_LIST = []
+_C.DATASET.TEST_TSV_LIST = []
+_C.DATASET.SAMPLER = 'default'
+_C.DATASET.TARGET_SIZE = -1
+
+_C.INPUT = CN()
+_C.INPUT.MEAN = [0.485, 0.456, 0.406]
+_C.INPUT.STD = [0.229, 0.224, 0.225]
+
+_C.AUG = CN()
+_C.AUG.SCALE = (0.08, 1.0)
+_C.AUG.RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_C.AUG.COLOR_JITTER = [0.4, 0.4, 0.4, 0.1, 0.0]
+_C.AUG.GRAY_SCALE = 0.0
+_C.AUG.GAUSSIAN_BLUR = 0.0
+_C.AUG.DROPBLOCK_LAYERS = [3, 4]
+_C.AUG.DROPBLOCK_KEEP_PROB = 1.0
+_C.AUG.DROPBLOCK_BLOCK_SIZE = 7
+_C.AUG.MIXUP_PROB = 0.0
+_C.AUG.MIXUP = 0.0
+_C.AUG.MIXCUT = 0.0
+_C.AUG.MIXCUT_MINMAX = []
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+_C.AUG.MIXUP_MODE = 'batch'
+_C.AUG.MIXCUT_AND_MIXUP = False
+_C.AUG.INTERPOLATION = 2
+_C.AUG.TIMM_AUG = CN(new_allowed=True)
+_C.AUG.TIMM_AUG.USE_LOADER = False
+_C.AUG.TIMM_AUG.USE_TRANSFORM = False
+
+_C.TRAIN = CN()
+_C.TRAIN.AUTO_RESUME = True
+_C.TRAIN.CHECKPOINT = ''
+_C.TRAIN.LR_SCHEDULER = CN(new_allowed=True)
+_C.TRAIN.SCALE_LR = True
+_C.TRAIN.LR = 0.001
+_C.TRAIN.OPTIMIZER = 'sgd'
+_C.TRAIN.OPTIMIZER_ARGS = CN(new_allowed=True)
+_C.TRAIN.MOMENTUM = 0.9
+_C.TRAIN.WD = 0.0001
+_C.TRAIN.WITHOUT_WD_LIST = []
+_C.TRAIN.NESTEROV = True
+_C.TRAIN.GAMMA1 = 0.99
+_C.TRAIN.GAMMA2 = 0.0
+_C.TRAIN.BEGIN_EPOCH = 0
+_C.TRAIN.END_EPOCH = 100
+_C.TRAIN.IMAGE_SIZE = [224, 224]  # width, height
+_C.TRAIN.BATCH_SIZE_PER_GPU = 32
+_C.TRAIN.SHUFFLE = True
+_C.TRAIN.EVAL_BEGIN_EPOCH = 0
+_C.TRAIN.DETECT_ANOMALY = False
+_C.TRAIN.CLIP_GRAD_NORM = 0.0
+_C.TRAIN.SAVE_ALL_MODELS = False
+
+_C.TEST = CN()
+_C.TEST.BATCH_SIZE_PER_GPU = 32
+_C.TEST.CENTER_CROP = True
+_C.TEST.IMAGE_SIZE = [224, 224]
+_C.TEST.INTERPOLATION = 2
+_C.TEST.MODEL_FILE = ''
+_C.TEST.REAL_LABELS = False
+_C.TEST.VALID_LABELS = ''
+_C.TEST.SHUFFLE = False  # added: evaluate in one seeded random order instead of class order
+
+_C.FINETUNE = CN()
+_C.FINETUNE.FINETUNE = False
+_C.FINETUNE.USE_TRAIN_AUG = False
+_C.FINETUNE.BASE_LR = 0.003
+_C.FINETUNE.BATCH_SIZE = 512
+_C.FINETUNE.EVAL_EVERY = 3000
+_C.FINETUNE.TRAIN_MODE = True
+_C.FINETUNE.FROZEN_LAYERS = []
+_C.FINETUNE.LR_SCHEDULER = CN(new_allowed=True)
+_C.FINETUNE.LR_SCHEDULER.DECAY_TYPE = 'step'
+
+_C.SWA = CN()  # read at the end of upstream's training; missing there, which crashed it
+_C.SWA.ENABLED = False
+
+_C.SEED = 0  # added: upstream set no seed
+
+_C.DEBUG = CN()
+_C.DEBUG.DEBUG = False
+
+config = _C
+
+
+def _merge_file(cfg, path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'config file {path!r} does not exist')
+    with open(path) as f:
+        content = yaml.safe_load(f) or {}
+    for base in content.get('BASE', ['']):
+        if base:
+            _merge_file(cfg, os.path.join(os.path.dirname(path), base))
+    try:
+        cfg.merge_from_file(path)
+    except KeyError as e:
+        raise KeyError(f'{path}: {e.args[0]}') from None
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from None
+
+
+def _check_key(cfg, dotted):
+    """KeyError naming `dotted` and the closest key when it exists nowhere and no node admits new keys."""
+    node = cfg
+    parts = dotted.split('.')
+    for i, name in enumerate(parts):
+        if not isinstance(node, CN):
+            break
+        if name not in node:
+            if node.is_new_allowed() and i == len(parts) - 1:
+                return
+            hint = difflib.get_close_matches(name, list(node), n=1)
+            where = '.'.join(parts[:i]) or 'the top level'
+            raise KeyError(f'unknown config key {dotted!r}: no {name!r} under {where}'
+                           + (f' (did you mean {hint[0]!r}?)' if hint else ''))
+        node = node[name]
+
+
+def update_config(cfg, args, world_size=1, rank=0):
+    """Fill the (cloned, unfrozen) default `cfg` from parsed `args` (cfg, opts) and freeze it."""
+    cfg.defrost()
+    _merge_file(cfg, args.cfg)
+    opts = list(args.opts or [])
+    if len(opts) % 2:
+        raise ValueError(f'overrides must be KEY VALUE pairs, got {len(opts)} items: {opts}')
+    for key in opts[0::2]:
+        _check_key(cfg, key)
+    cfg.merge_from_list(opts)
+    if cfg.TRAIN.SCALE_LR:
+        cfg.TRAIN.LR *= world_size
+    cfg.NAME = os.path.splitext(os.path.basename(args.cfg))[0] + cfg.NAME
+    cfg.RANK = rank
+    if cfg.TRAIN.LR_SCHEDULER.get('METHOD') == 'timm':
+        cfg.TRAIN.LR_SCHEDULER.ARGS.epochs = cfg.TRAIN.END_EPOCH
+    if cfg.TRAIN.OPTIMIZER == 'timm':
+        cfg.TRAIN.OPTIMIZER_ARGS.lr = cfg.TRAIN.LR
+    if cfg.AUG.MIXUP > 0.0 or cfg.AUG.MIXCUT > 0.0 or cfg.AUG.MIXCUT_MINMAX:
+        cfg.AUG.MIXUP_PROB = 1.0
+    cfg.freeze()
+    return cfg

@@ -1,0 +1,252 @@
+"""CvT (Wu et al., 2021) with ISTA2 in every attention block.
+
+With ISTA2 off the parameter names and counts are those of upstream ``cls_cvt``. With
+``rep_tkn_type='cls+bg'`` the stage that has a class token also carries a background token: a
+fixed, seeded buffer (``stage{i}.bg_token``) placed before the class token, whose attention
+logits are minus the class token's; stages without a class token use ``'mean'`` instead.
+"""
+from collections import OrderedDict
+from functools import partial
+
+import torch
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from common.ista2 import ISTA2
+
+BG_TOKEN_SEED = 0
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim, act_layer=nn.GELU, drop=0.):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def conv_projection(dim, kernel_size, padding, stride, method):
+    """Token grid (B, C, H, W) -> tokens (B, H'*W', C): depth-wise conv + BN ('dw_bn'), average
+    pooling ('avg'), or None ('linear': the tokens as they are)."""
+    if method == 'dw_bn':
+        return nn.Sequential(OrderedDict([
+            ('conv', nn.Conv2d(dim, dim, kernel_size, stride, padding, bias=False, groups=dim)),
+            ('bn', nn.BatchNorm2d(dim)), ('rearrage', nn.Flatten(2))]))
+    if method == 'avg':
+        return nn.Sequential(OrderedDict([
+            ('avg', nn.AvgPool2d(kernel_size, stride, padding, ceil_mode=True)), ('rearrage', nn.Flatten(2))]))
+    if method == 'linear':
+        return None
+    raise ValueError(f'unknown QKV_PROJ_METHOD {method!r}; valid: dw_bn, avg, linear')
+
+
+class Attention(nn.Module):
+    """Convolutional projections of the patch tokens, linear projections, then ISTA2 attention.
+
+    The leading `extra` tokens (class, or background + class) bypass the convolutions.
+    """
+
+    def __init__(self, dim_in, dim_out, num_heads, qkv_bias=False, attn_drop=0., proj_drop=0., method='dw_bn',
+                 kernel_size=3, stride_kv=1, stride_q=1, padding_kv=1, padding_q=1, extra_tokens=0, ista2_args=None):
+        super().__init__()
+        self.dim, self.num_heads, self.extra_tokens = dim_out, num_heads, extra_tokens
+        self.stride_kv, self.stride_q = stride_kv, stride_q
+        self.scale = dim_out ** -0.5  # over the full width, as upstream
+        self.conv_proj_q = conv_projection(dim_in, kernel_size, padding_q, stride_q,
+                                           'linear' if method == 'avg' else method)
+        self.conv_proj_k = conv_projection(dim_in, kernel_size, padding_kv, stride_kv, method)
+        self.conv_proj_v = conv_projection(dim_in, kernel_size, padding_kv, stride_kv, method)
+        self.proj_q = nn.Linear(dim_in, dim_out, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim_in, dim_out, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim_in, dim_out, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim_out, dim_out)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.ista2 = ISTA2(dim_out, num_heads, qk_scale=self.scale, v_scale=self.scale, attn_drop_layer=self.attn_drop,
+                           **(ista2_args or {}))
+
+    def forward(self, x, h, w):
+        """x (B, extra + h*w, C_in) -> (B, extra + h*w, C_out)."""
+        extra, patches = x[:, :self.extra_tokens], x[:, self.extra_tokens:]
+        grid = patches.transpose(1, 2).unflatten(2, (h, w))
+        q, k, v = (torch.cat([extra, proj(grid).transpose(1, 2) if proj is not None else patches], dim=1)
+                   for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))
+        out = self.ista2(self.proj_q(q), self.proj_k(k), self.proj_v(v))
+        return self.proj_drop(self.proj(out))
+
+
+class Block(nn.Module):
+    def __init__(self, dim_in, dim_out, num_heads, mlp_ratio=4., qkv_bias=False, drop=0., attn_drop=0., drop_path=0.,
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm, **attn_kwargs):
+        super().__init__()
+        self.norm1 = norm_layer(dim_in)
+        self.attn = Attention(dim_in, dim_out, num_heads, qkv_bias, attn_drop, drop, **attn_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim_out)
+        self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), act_layer, drop)
+
+    def forward(self, x, h, w):
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ConvEmbed(nn.Module):
+    """Strided conv + norm: (B, C_in, H, W) -> (B, C, H', W')."""
+
+    def __init__(self, patch_size=7, in_chans=3, embed_dim=64, stride=4, padding=2, norm_layer=None):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding)
+        self.norm = norm_layer(embed_dim) if norm_layer else None
+
+    def forward(self, x):
+        x = self.proj(x)
+        if self.norm is not None:
+            x = self.norm(x.flatten(2).transpose(1, 2)).transpose(1, 2).unflatten(2, x.shape[2:])
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """One CvT stage: (B, C_in, H, W) -> grid (B, C, H', W') and its class token (B, 1, C) or None."""
+
+    def __init__(self, patch_size=16, patch_stride=16, patch_padding=0, in_chans=3, embed_dim=768, depth=12,
+                 num_heads=12, mlp_ratio=4., qkv_bias=False, drop_rate=0., attn_drop_rate=0., drop_path_rate=0.,
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm, init='trunc_norm', with_cls_token=False,
+                 bg_token_seed=None, **attn_kwargs):
+        super().__init__()
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_embed = ConvEmbed(patch_size, in_chans, embed_dim, patch_stride, patch_padding, norm_layer)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if with_cls_token else None
+        if bg_token_seed is not None:
+            if not with_cls_token:
+                raise ValueError('a background token needs a class token in the same stage')
+            bg = nn.init.trunc_normal_(torch.empty(1, 1, embed_dim), std=.02, a=-2., b=2.,
+                                       generator=torch.Generator().manual_seed(bg_token_seed))
+            self.register_buffer('bg_token', bg)  # fixed and seeded: saved in checkpoints, the same on every rank
+        else:
+            self.bg_token = None
+        self.pos_drop = nn.Dropout(drop_rate)
+        drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()
+        extra = int(with_cls_token) + int(bg_token_seed is not None)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_paths[j],
+                  act_layer, norm_layer, extra_tokens=extra, **attn_kwargs) for j in range(depth))
+        if self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=.02)
+        self.apply(self._init_xavier if init == 'xavier' else self._init_trunc_normal)
+
+    @staticmethod
+    def _init_trunc_normal(m):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _init_xavier(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        B, C, H, W = x.shape
+        tokens = [x.flatten(2).transpose(1, 2)]
+        if self.cls_token is not None:
+            tokens.insert(0, self.cls_token.expand(B, -1, -1))
+        if self.bg_token is not None:
+            tokens.insert(0, self.bg_token.expand(B, -1, -1))
+        x = self.pos_drop(torch.cat(tokens, dim=1))
+        for block in self.blocks:
+            x = block(x, H, W)
+        cls = x[:, -H * W - 1:-H * W] if self.cls_token is not None else None
+        return x[:, -H * W:].transpose(1, 2).reshape(B, C, H, W), cls
+
+
+def stage_ista2_args(ista2, with_cls_token):
+    """MODEL.ISTA2 -> ISTA2 keywords for one stage, and whether the stage carries a background token.
+
+    'cls' / 'cls+bg' need the stage's class token (at index 0, after the background token at
+    index 0 for 'cls+bg'); a stage without one falls back to 'mean'.
+    """
+    kind = ista2.REP_TKN_TYPE
+    cls_idx = bg_idx = None
+    if kind in ('cls', 'cls+bg'):
+        if not with_cls_token:
+            kind = 'mean'
+        elif kind == 'cls':
+            cls_idx = 0
+        else:
+            bg_idx, cls_idx = 0, 1
+    args = dict(qk_norm=ista2.QK_NORM, v_norm=ista2.V_NORM, norm_type=ista2.NORM_TYPE,
+                ista2_method=ista2.ISTA2_METHOD, attn_inter_topk=ista2.ATTN_INTER_TOPK, rep_tkn_type=kind,
+                rep_tkn_ratio=ista2.REP_TKN_RATIO, cls_tkn_idx=cls_idx, bg_tkn_idx=bg_idx, bs_ratio=ista2.BS_RATIO,
+                across_gpus=ista2.ACROSS_GPUS)
+    return args, bg_idx is not None
+
+
+class ConvolutionalVisionTransformer(nn.Module):
+    """spec: the MODEL.SPEC node (per-stage lists); ista2: the MODEL.ISTA2 node."""
+
+    def __init__(self, in_chans=3, num_classes=1000, act_layer=nn.GELU, norm_layer=nn.LayerNorm, init='trunc_norm',
+                 spec=None, ista2=None):
+        super().__init__()
+        self.num_classes, self.num_stages = num_classes, spec['NUM_STAGES']
+        for i in range(self.num_stages):
+            ista2_args, with_bg = stage_ista2_args(ista2, spec['CLS_TOKEN'][i])
+            stage = VisionTransformer(
+                patch_size=spec['PATCH_SIZE'][i], patch_stride=spec['PATCH_STRIDE'][i],
+                patch_padding=spec['PATCH_PADDING'][i], in_chans=in_chans, embed_dim=spec['DIM_EMBED'][i],
+                depth=spec['DEPTH'][i], num_heads=spec['NUM_HEADS'][i], mlp_ratio=spec['MLP_RATIO'][i],
+                qkv_bias=spec['QKV_BIAS'][i], drop_rate=spec['DROP_RATE'][i],
+                attn_drop_rate=spec['ATTN_DROP_RATE'][i], drop_path_rate=spec['DROP_PATH_RATE'][i],
+                act_layer=act_layer, norm_layer=norm_layer, init=init, with_cls_token=spec['CLS_TOKEN'][i],
+                bg_token_seed=BG_TOKEN_SEED + i if with_bg else None, method=spec['QKV_PROJ_METHOD'][i],
+                kernel_size=spec['KERNEL_QKV'][i], padding_q=spec['PADDING_Q'][i], padding_kv=spec['PADDING_KV'][i],
+                stride_kv=spec['STRIDE_KV'][i], stride_q=spec['STRIDE_Q'][i], ista2_args=ista2_args)
+            setattr(self, f'stage{i}', stage)
+            in_chans = spec['DIM_EMBED'][i]
+        dim = spec['DIM_EMBED'][-1]
+        self.norm = norm_layer(dim)
+        self.cls_token = spec['CLS_TOKEN'][-1]
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            trunc_normal_(self.head.weight, std=0.02)
+
+    def no_weight_decay(self):
+        return {f'stage{i}.{name}' for i in range(self.num_stages) for name in ('pos_embed', 'cls_token')}
+
+    def forward_features(self, x):
+        """(B, 3, H, W) -> (B, C): the normalised class token, or the mean normalised patch token."""
+        for i in range(self.num_stages):
+            x, cls = getattr(self, f'stage{i}')(x)
+        if self.cls_token:
+            return self.norm(cls).flatten(1)
+        return self.norm(x.flatten(2).transpose(1, 2)).mean(1)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+def build_cvt(config):
+    """The model MODEL.SPEC and MODEL.ISTA2 describe, with QuickGELU and fp32 LayerNorm as upstream."""
+    return ConvolutionalVisionTransformer(
+        in_chans=3, num_classes=config.MODEL.NUM_CLASSES, act_layer=QuickGELU,
+        norm_layer=partial(LayerNorm, eps=1e-5), init=config.MODEL.SPEC.get('INIT', 'trunc_norm'),
+        spec=config.MODEL.SPEC, ista2=config.MODEL.ISTA2)
