@@ -57,7 +57,7 @@ def gather_from_ranks(x):
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """y = x / sqrt(mean(x^2) + eps) * w over the last dim, in 3 passes forward and 5 backward
+    """y = x / sqrt(mean(x^2) + eps) * w over the last dim, in 3 passes forward and 6 backward
     (torch 2.4's composite nn.RMSNorm takes about three times as long on CPU)."""
 
     @staticmethod
@@ -72,10 +72,11 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, inv_rms = ctx.saved_tensors
-        g = grad * weight
-        coef = torch.linalg.vecdot(g, x, dim=-1).unsqueeze(-1) * inv_rms.pow(3) / x.shape[-1]
-        grad_x = g.mul_(inv_rms).addcmul_(x, coef, value=-1)
-        grad_w = (grad * x).reshape(-1, x.shape[-1]).t().mv(inv_rms.reshape(-1)) if ctx.needs_input_grad[1] else None
+        grad_times_x = (grad * x).reshape(-1, x.shape[-1])  # shared by both gradients
+        dot = grad_times_x.mv(weight.to(grad_times_x.dtype)).view(inv_rms.shape)  # sum_c grad * w * x per row
+        coef = dot * inv_rms.pow(3) / x.shape[-1]
+        grad_x = (grad * weight).mul_(inv_rms).addcmul_(x, coef, value=-1)
+        grad_w = grad_times_x.t().mv(inv_rms.reshape(-1)) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
@@ -276,6 +277,11 @@ class ISTA2(nn.Module):
             best = scores.argmax(-1, keepdim=True) if topk == 1 else scores.topk(topk, -1).indices
         head_start = torch.arange(h, device=v.device).view(h, 1, 1) * candidates.shape[1]
         chosen = F.embedding(best + head_start, candidates.flatten(0, 1))  # (m, w, h, P, k, d)
+        if topk == 1:  # softmax over [v.v, v.c] * s is sigmoid(s * v.(c - v)): one fused mix
+            diff = chosen.squeeze(-2) - v
+            score = torch.linalg.vecdot(v, diff).unsqueeze(-1)  # fp32 at least, also under autocast
+            weight = torch.sigmoid(score.to(torch.promote_types(score.dtype, torch.float32)) * self.v_scale)
+            return torch.addcmul(v, weight.to(v.dtype), diff)
         logits = torch.cat([torch.linalg.vecdot(v, v).unsqueeze(-1), torch.linalg.vecdot(v.unsqueeze(-2), chosen)],
                            -1) * self.v_scale  # (m, w, h, P, 1 + k); softmax in fp32 at least, also under autocast
         weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
