@@ -57,8 +57,8 @@ def gather_from_ranks(x):
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """y = x / sqrt(mean(x^2) + eps) * w over the last dim, in 3 passes forward and 6 backward
-    (torch 2.4's composite nn.RMSNorm takes about three times as long on CPU)."""
+    """y = x / sqrt(mean(x^2) + eps) [* w] over the last dim, in 3 passes forward and 6 backward
+    (torch 2.4's composite nn.RMSNorm takes about three times as long on CPU); w may be None."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -67,16 +67,19 @@ class _RMSNormFunction(torch.autograd.Function):
         mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=opmath).square_().div_(x.shape[-1])
         inv_rms = mean_square.add_(eps).rsqrt_().to(x.dtype)
         ctx.save_for_backward(x, weight, inv_rms)
-        return (x * inv_rms).mul_(weight)
+        return x * inv_rms if weight is None else (x * inv_rms).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, inv_rms = ctx.saved_tensors
         grad_times_x = (grad * x).reshape(-1, x.shape[-1])  # shared by both gradients
-        dot = grad_times_x.mv(weight.to(grad_times_x.dtype)).view(inv_rms.shape)  # sum_c grad * w * x per row
-        coef = dot * inv_rms.pow(3) / x.shape[-1]
-        grad_x = (grad * weight).mul_(inv_rms).addcmul_(x, coef, value=-1)
-        grad_w = grad_times_x.t().mv(inv_rms.reshape(-1)) if ctx.needs_input_grad[1] else None
+        if weight is None:
+            dot, grad_x = grad_times_x.sum(-1), grad * inv_rms
+        else:
+            dot, grad_x = grad_times_x.mv(weight.to(grad.dtype)), (grad * weight).mul_(inv_rms)
+        coef = dot.view(inv_rms.shape) * inv_rms.pow(3) / x.shape[-1]  # from sum_c grad * w * x per row
+        grad_x.addcmul_(x, coef, value=-1)
+        grad_w = grad_times_x.t().mv(inv_rms.reshape(-1)) if weight is not None and ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
@@ -174,14 +177,25 @@ class ISTA2(nn.Module):
         p2, h = k.shape[1], self.num_heads
         if mask is not None and b % mask.shape[0]:
             raise ValueError(f'ISTA2: batch of {b} rows is not a multiple of the {mask.shape[0]} windows in mask')
-        q = self.q_norm_layer(q).view(b, p1, h, -1).transpose(1, 2)  # (b, h, p1, d)
-        k = self.k_norm_layer(k).view(b, p2, h, -1).transpose(1, 2)
+        q, k = self._normalize_qk(q, k)
+        q = q.view(b, p1, h, -1).transpose(1, 2)  # (b, h, p1, d)
+        k = k.view(b, p2, h, -1).transpose(1, 2)
         v = self.v_norm_layer(v).view(b, p2, h, -1).transpose(1, 2)
         if self.ista2_method == 'v':
             v = self._align_per_image(v, self._images_in_batch(b, real_b, mask))
 
         out = self._attend(q, k, v, self._logit_bias(relative_position_bias, mask))  # (b, h, p1, d)
         return _ContiguousGrad.apply(out).transpose(1, 2).reshape(b, p1, c)
+
+    def _normalize_qk(self, q, k):
+        """q and k through their norms. With RMSNorm, q's weight moves onto k: per channel,
+        (q / rms(q) * w_q) . k_n = (q / rms(q)) . (k_n * w_q), which saves passes over q, the
+        long side in PVT. The logits, and so the results, are those of the two norms."""
+        if not isinstance(self.q_norm_layer, RMSNorm):
+            return self.q_norm_layer(q), self.k_norm_layer(k)
+        weight = self.k_norm_layer.weight * self.q_norm_layer.weight
+        return (_RMSNormFunction.apply(q, None, self.q_norm_layer.eps),
+                _RMSNormFunction.apply(k, weight, self.k_norm_layer.eps))
 
     def _images_in_batch(self, b, real_b, mask):
         if real_b is None:

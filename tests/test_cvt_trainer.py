@@ -38,11 +38,12 @@ def test_train_resume_and_test_one_process(tiny_data, tmp_path):
     assert lines[0] == lines[1] and 'evaluated 40 images' in results[0]
 
 
-def test_two_processes_train_and_test(tiny_data, tmp_path):
+def test_two_processes_train_resume_and_test(tiny_data, tmp_path):
     out = str(tmp_path / 'out')
     run_sh('train', 2, tiny_data, out, 'TRAIN.END_EPOCH', '1')
     run_dir = os.path.join(out, 'imagenet', 'cvt-13-ista2-224x224')
     assert sum(f.startswith('train_') for f in os.listdir(run_dir)) == 2  # one log per rank
+    assert 'resuming from' in run_sh('train', 2, tiny_data, out, 'TRAIN.END_EPOCH', '2')
     tested = run_sh('test', 2, tiny_data, out, 'TEST.MODEL_FILE', os.path.join(run_dir, 'final_state.pth'))
     assert 'evaluated 40 images' in tested
 

@@ -300,3 +300,9 @@ def test_fast_rmsnorm_equals_torch_rmsnorm_with_gradients():
     g = torch.randn(3, 5, 8)
     grads = [torch.autograd.grad((m(x) * g).sum(), (x, m.weight)) for m in (fast, ref)]
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(*grads, strict=True))
+
+
+def test_weightless_rmsnorm_gradients():
+    from common.ista2 import _RMSNormFunction
+    x = torch.randn(4, 6, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _RMSNormFunction.apply(t, None, None), (x,))
