@@ -8,7 +8,14 @@ from torch import nn
 
 from common.ista2 import ISTA2
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64():
+    """The oracle comparisons run in float64; other test modules keep the default."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def softmax(xs):

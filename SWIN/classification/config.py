@@ -3,11 +3,11 @@
 Precedence: defaults < the --cfg file (after the files its BASE list names) < --opts KEY VALUE
 pairs < the dedicated command-line flags. The run's folder is OUTPUT/MODEL.NAME/TAG.
 """
-import difflib
 import os
 
-import yaml
 from yacs.config import CfgNode as CN
+
+from common.yacs_files import ista2_node, merge_file, merge_overrides
 
 _C = CN()
 _C.BASE = ['']
@@ -35,18 +35,7 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
 
-_C.MODEL.ISTA2 = CN()
-_C.MODEL.ISTA2.QK_NORM = False
-_C.MODEL.ISTA2.V_NORM = False
-_C.MODEL.ISTA2.NORM_TYPE = 'rmsnorm'
-_C.MODEL.ISTA2.ISTA2_METHOD = None
-_C.MODEL.ISTA2.ATTN_INTER_TOPK = 0
-_C.MODEL.ISTA2.REP_TKN_TYPE = None
-_C.MODEL.ISTA2.REP_TKN_RATIO = None  # with 'random': one ratio per stage
-_C.MODEL.ISTA2.CLS_TKN_IDX = None
-_C.MODEL.ISTA2.BG_TKN_IDX = None
-_C.MODEL.ISTA2.BS_RATIO = None
-_C.MODEL.ISTA2.ACROSS_GPUS = False
+_C.MODEL.ISTA2 = ista2_node(token_indices=True)  # REP_TKN_RATIO, with 'random': one ratio per stage
 
 _C.MODEL.SWIN = CN()
 _C.MODEL.SWIN.PATCH_SIZE = 4
@@ -182,35 +171,11 @@ _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
 
 
-def _merge_file(config, path):
-    """Merge `path` after the files its BASE list names (relative to it), recursively."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'config file {path!r} does not exist')
-    with open(path) as f:
-        content = yaml.safe_load(f) or {}
-    for base in content.get('BASE', ['']):
-        if base:
-            _merge_file(config, os.path.join(os.path.dirname(path), base))
-    config.defrost()
-    try:
-        config.merge_from_file(path)
-    except KeyError as e:
-        raise KeyError(f'{path}: {e.args[0]}') from None
-    except ValueError as e:
-        raise ValueError(f'{path}: {e}') from None
-
-
 def load_config(path, opts=()):
     """Defaults merged with the yaml file at `path` and the KEY VALUE list `opts` (not frozen)."""
     config = _C.clone()
-    _merge_file(config, path)
-    config.defrost()
-    if opts:
-        if len(opts) % 2:
-            raise ValueError(f'--opts needs KEY VALUE pairs, got {len(opts)} items: {opts}')
-        for key in opts[0::2]:
-            _check_key(config, key)
-        config.merge_from_list(list(opts))
+    merge_file(config, path)
+    merge_overrides(config, opts, '--opts')
     return config
 
 
@@ -239,19 +204,6 @@ def get_config(args):
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     config.freeze()
     return config
-
-
-def _check_key(config, dotted):
-    """KeyError naming `dotted` and the closest existing key when the config has no such key."""
-    node = config
-    for i, name in enumerate(dotted.split('.')):
-        if not isinstance(node, CN) or name not in node:
-            known = [k for k in node] if isinstance(node, CN) else []
-            hint = difflib.get_close_matches(name, known, n=1)
-            where = '.'.join(dotted.split('.')[:i]) or 'the top level'
-            raise KeyError(f'--opts: unknown config key {dotted!r}: no {name!r} under {where}'
-                           + (f' (did you mean {hint[0]!r}?)' if hint else ''))
-        node = node[name]
 
 
 def _node(config, dotted):

@@ -4,11 +4,11 @@ update_config applies, in order: the --cfg file (after the files its BASE list n
 trailing KEY VALUE overrides, TRAIN.SCALE_LR (lr x world size), and the derived values upstream
 sets (NAME, RANK, the timm scheduler's epochs, the timm optimizer's lr, MIXUP_PROB).
 """
-import difflib
 import os
 
-import yaml
 from yacs.config import CfgNode as CN
+
+from common.yacs_files import ista2_node, merge_file, merge_overrides
 
 _C = CN()
 _C.BASE = ['']
@@ -42,16 +42,7 @@ _C.MODEL.PRETRAINED_LAYERS = ['*']
 _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.SPEC = CN(new_allowed=True)
 
-_C.MODEL.ISTA2 = CN()
-_C.MODEL.ISTA2.QK_NORM = False
-_C.MODEL.ISTA2.V_NORM = False
-_C.MODEL.ISTA2.NORM_TYPE = 'rmsnorm'
-_C.MODEL.ISTA2.ISTA2_METHOD = None
-_C.MODEL.ISTA2.ATTN_INTER_TOPK = 0
-_C.MODEL.ISTA2.REP_TKN_TYPE = None
-_C.MODEL.ISTA2.REP_TKN_RATIO = None
-_C.MODEL.ISTA2.BS_RATIO = None
-_C.MODEL.ISTA2.ACROSS_GPUS = False
+_C.MODEL.ISTA2 = ista2_node(token_indices=False)
 
 _C.LOSS = CN(new_allowed=True)
 _C.LOSS.LABEL_SMOOTHING = 0.0
@@ -150,49 +141,10 @@ _C.DEBUG.DEBUG = False
 config = _C
 
 
-def _merge_file(cfg, path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'config file {path!r} does not exist')
-    with open(path) as f:
-        content = yaml.safe_load(f) or {}
-    for base in content.get('BASE', ['']):
-        if base:
-            _merge_file(cfg, os.path.join(os.path.dirname(path), base))
-    try:
-        cfg.merge_from_file(path)
-    except KeyError as e:
-        raise KeyError(f'{path}: {e.args[0]}') from None
-    except ValueError as e:
-        raise ValueError(f'{path}: {e}') from None
-
-
-def _check_key(cfg, dotted):
-    """KeyError naming `dotted` and the closest key when it exists nowhere and no node admits new keys."""
-    node = cfg
-    parts = dotted.split('.')
-    for i, name in enumerate(parts):
-        if not isinstance(node, CN):
-            break
-        if name not in node:
-            if node.is_new_allowed() and i == len(parts) - 1:
-                return
-            hint = difflib.get_close_matches(name, list(node), n=1)
-            where = '.'.join(parts[:i]) or 'the top level'
-            raise KeyError(f'unknown config key {dotted!r}: no {name!r} under {where}'
-                           + (f' (did you mean {hint[0]!r}?)' if hint else ''))
-        node = node[name]
-
-
 def update_config(cfg, args, world_size=1, rank=0):
     """Fill the (cloned, unfrozen) default `cfg` from parsed `args` (cfg, opts) and freeze it."""
-    cfg.defrost()
-    _merge_file(cfg, args.cfg)
-    opts = list(args.opts or [])
-    if len(opts) % 2:
-        raise ValueError(f'overrides must be KEY VALUE pairs, got {len(opts)} items: {opts}')
-    for key in opts[0::2]:
-        _check_key(cfg, key)
-    cfg.merge_from_list(opts)
+    merge_file(cfg, args.cfg)
+    merge_overrides(cfg, args.opts, 'override')
     if cfg.TRAIN.SCALE_LR:
         cfg.TRAIN.LR *= world_size
     cfg.NAME = os.path.splitext(os.path.basename(args.cfg))[0] + cfg.NAME
