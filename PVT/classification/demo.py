@@ -10,6 +10,7 @@ rate, 2 warm-up epochs, and no mixup, cutmix, RandAugment or random erasing.
 import argparse
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def main():
     rows = []
     for name in CONFIGS:
         out = os.path.join(args.workdir, name)
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run each time, not a resumed one
         config = f'configs/pvt_v2_ista2/{name}.py'
         start = time.time()
         train_log = torchrun(['--config', config, '--data-path', data, '--output_dir', out, '--epochs',
