@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv test demo bench
+.PHONY: venv test demo table bench
 
 $(VENV)/.requirements: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,5 +21,9 @@ test: venv
 demo: venv
 	cd PVT/classification && $(abspath $(PY)) demo.py
 
+table: venv
+	$(PY) benchmarks/table.py
+
 bench: venv
 	$(PY) benchmarks/bench_ista2.py
+	$(PY) benchmarks/bench_train_step.py
