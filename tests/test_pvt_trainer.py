@@ -1,6 +1,7 @@
 """PVT main.py end to end on a tiny dataset: one process and torchrun with 2 (gloo), train/eval/resume, errors."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,8 @@ def write_config(tmp_path, text):
     ('wrong_type', "drop_path='0.1' has type str; expected float"),
     ('bad_ista2_option', "invalid rep_tkn_type='max'"),
     ('eval_without_checkpoint', '--eval needs a checkpoint'),
+    ('batch_larger_than_data', 'is larger than the 80 training images'),
+    ('empty_class_folder', 'Found no valid file for the classes dots'),
 ])
 def test_bad_input_fails_with_a_clear_message(case, message, tiny_data, mismatched_data, tmp_path):
     data, config, extra = tiny_data, B0, []
@@ -84,6 +87,12 @@ def test_bad_input_fails_with_a_clear_message(case, message, tiny_data, mismatch
                                         "attn_inter_topk=1, rep_tkn_type='max'))\n")
     elif case == 'eval_without_checkpoint':
         extra = ['--eval']
+    elif case == 'batch_larger_than_data':
+        extra = ['--batch-size', '1000']
+    elif case == 'empty_class_folder':
+        for image in (Path(mismatched_data) / 'train' / 'dots').iterdir():
+            image.unlink()
+        data = mismatched_data
     output = run(CWD, ['main.py', '--config', config, '--data-path', data, '--epochs', '1', *FAST, *extra],
                  expect_ok=False)
     assert message in output
