@@ -37,6 +37,13 @@ def test_train_rerun_resumes_eval_and_throughput(tiny_data, tmp_path):
     assert 'throughput' in run(CWD, args(ISTA2, tiny_data, out, 2, '--throughput'))
 
 
+def test_accumulation_and_gradient_checkpointing(tiny_data, tmp_path):
+    output = run(CWD, args(ISTA2, tiny_data, str(tmp_path / 'out'), 1, '--accumulation-steps', '2',
+                           '--use-checkpoint'))
+    assert 'USE_CHECKPOINT: true' in output and 'ACCUMULATION_STEPS: 2' in output
+    assert 'Epoch: [0] [9/10]' in output  # 80 images / batch 8: 10 iterations, 5 optimizer steps
+
+
 def test_baseline_and_ista2_runs_never_share_a_folder(tiny_data, tmp_path):
     out = str(tmp_path / 'out')
     output = run(CWD, args(BASE, tiny_data, out, 1, '--eval'), expect_ok=False)
