@@ -8,9 +8,10 @@ import math
 from functools import partial
 
 import torch
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from torch import nn
 
+from common.init import trunc_normal_linear
 from common.ista2 import ISTA2
 
 
@@ -136,16 +137,12 @@ class PyramidVisionTransformerV2(nn.Module):
 
     @staticmethod
     def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
+        trunc_normal_linear(m)
+        if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
             nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        # LayerNorm and RMSNorm keep torch's initialisation: weight 1, bias 0
 
     def no_weight_decay(self):
         return set()  # as upstream, in effect: its list names parameters PVTv2 does not have

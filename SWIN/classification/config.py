@@ -37,46 +37,32 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 
 _C.MODEL.ISTA2 = ista2_node(token_indices=True)  # REP_TKN_RATIO, with 'random': one ratio per stage
 
-_C.MODEL.SWIN = CN()
-_C.MODEL.SWIN.PATCH_SIZE = 4
-_C.MODEL.SWIN.IN_CHANS = 3
-_C.MODEL.SWIN.EMBED_DIM = 96
-_C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
-_C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
-_C.MODEL.SWIN.WINDOW_SIZE = 7
-_C.MODEL.SWIN.MLP_RATIO = 4.
-_C.MODEL.SWIN.QKV_BIAS = True
-_C.MODEL.SWIN.QK_SCALE = None
-_C.MODEL.SWIN.APE = False
-_C.MODEL.SWIN.PATCH_NORM = True
 
-# Nodes of upstream's other model types, kept so that their config files still parse;
+def _backbone(qkv_bias=True, qk_scale=True):
+    """The keys upstream's model types share, with Swin-T's values."""
+    node = CN()
+    node.PATCH_SIZE = 4
+    node.IN_CHANS = 3
+    node.EMBED_DIM = 96
+    node.DEPTHS = [2, 2, 6, 2]
+    node.NUM_HEADS = [3, 6, 12, 24]
+    node.WINDOW_SIZE = 7
+    node.MLP_RATIO = 4.
+    if qkv_bias:
+        node.QKV_BIAS = True
+    if qk_scale:
+        node.QK_SCALE = None
+    node.APE = False
+    node.PATCH_NORM = True
+    return node
+
+
+_C.MODEL.SWIN = _backbone()
+# The nodes of upstream's other model types, kept so that their config files still parse;
 # only MODEL.TYPE 'swin' can be built here.
-_C.MODEL.SWINV2 = CN()
-_C.MODEL.SWINV2.PATCH_SIZE = 4
-_C.MODEL.SWINV2.IN_CHANS = 3
-_C.MODEL.SWINV2.EMBED_DIM = 96
-_C.MODEL.SWINV2.DEPTHS = [2, 2, 6, 2]
-_C.MODEL.SWINV2.NUM_HEADS = [3, 6, 12, 24]
-_C.MODEL.SWINV2.WINDOW_SIZE = 7
-_C.MODEL.SWINV2.MLP_RATIO = 4.
-_C.MODEL.SWINV2.QKV_BIAS = True
-_C.MODEL.SWINV2.APE = False
-_C.MODEL.SWINV2.PATCH_NORM = True
+_C.MODEL.SWINV2 = _backbone(qk_scale=False)
 _C.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
-
-_C.MODEL.SWIN_MOE = CN()
-_C.MODEL.SWIN_MOE.PATCH_SIZE = 4
-_C.MODEL.SWIN_MOE.IN_CHANS = 3
-_C.MODEL.SWIN_MOE.EMBED_DIM = 96
-_C.MODEL.SWIN_MOE.DEPTHS = [2, 2, 6, 2]
-_C.MODEL.SWIN_MOE.NUM_HEADS = [3, 6, 12, 24]
-_C.MODEL.SWIN_MOE.WINDOW_SIZE = 7
-_C.MODEL.SWIN_MOE.MLP_RATIO = 4.
-_C.MODEL.SWIN_MOE.QKV_BIAS = True
-_C.MODEL.SWIN_MOE.QK_SCALE = None
-_C.MODEL.SWIN_MOE.APE = False
-_C.MODEL.SWIN_MOE.PATCH_NORM = True
+_C.MODEL.SWIN_MOE = _backbone()
 _C.MODEL.SWIN_MOE.MLP_FC2_BIAS = True
 _C.MODEL.SWIN_MOE.INIT_STD = 0.02
 _C.MODEL.SWIN_MOE.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
@@ -94,16 +80,7 @@ _C.MODEL.SWIN_MOE.COSINE_ROUTER_INIT_T = 0.5
 _C.MODEL.SWIN_MOE.MOE_DROP = 0.0
 _C.MODEL.SWIN_MOE.AUX_LOSS_WEIGHT = 0.01
 
-_C.MODEL.SWIN_MLP = CN()
-_C.MODEL.SWIN_MLP.PATCH_SIZE = 4
-_C.MODEL.SWIN_MLP.IN_CHANS = 3
-_C.MODEL.SWIN_MLP.EMBED_DIM = 96
-_C.MODEL.SWIN_MLP.DEPTHS = [2, 2, 6, 2]
-_C.MODEL.SWIN_MLP.NUM_HEADS = [3, 6, 12, 24]
-_C.MODEL.SWIN_MLP.WINDOW_SIZE = 7
-_C.MODEL.SWIN_MLP.MLP_RATIO = 4.
-_C.MODEL.SWIN_MLP.APE = False
-_C.MODEL.SWIN_MLP.PATCH_NORM = True
+_C.MODEL.SWIN_MLP = _backbone(qkv_bias=False, qk_scale=False)
 
 _C.MODEL.SIMMIM = CN()
 _C.MODEL.SIMMIM.NORM_TARGET = CN()

@@ -9,6 +9,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, to_2tuple, trunc_normal_
 from torch import nn
 
+from common.init import trunc_normal_linear
 from common.ista2 import ISTA2
 
 
@@ -235,15 +236,7 @@ class SwinTransformer(nn.Module):
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        # LayerNorm and RMSNorm keep torch's initialisation: weight 1, bias 0
+        self.apply(trunc_normal_linear)
 
     def no_weight_decay(self):
         return {'absolute_pos_embed'}

@@ -12,6 +12,7 @@ import torch
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from common.init import trunc_normal_linear
 from common.ista2 import ISTA2
 
 BG_TOKEN_SEED = 0
@@ -148,14 +149,7 @@ class VisionTransformer(nn.Module):
                   act_layer, norm_layer, extra_tokens=extra, **attn_kwargs) for j in range(depth))
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=.02)
-        self.apply(self._init_xavier if init == 'xavier' else self._init_trunc_normal)
-
-    @staticmethod
-    def _init_trunc_normal(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(self._init_xavier if init == 'xavier' else trunc_normal_linear)
 
     @staticmethod
     def _init_xavier(m):
