@@ -95,6 +95,8 @@ def get_args_parser():
     p.add_argument('--start_epoch', type=int, default=0)
     p.add_argument('--eval', action='store_true')
     p.add_argument('--dist-eval', action='store_true', default=False, help='split evaluation across processes')
+    p.add_argument('--shuffle-eval', action='store_true', default=False,
+                   help='evaluate in one random order fixed by --seed instead of class order (not upstream)')
     p.add_argument('--num_workers', type=int, default=10)
     p.add_argument('--pin-mem', action='store_true')
     p.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
@@ -193,7 +195,7 @@ def main(args):
     pin = args.pin_mem and device.type == 'cuda'
     train_sampler = data.train_sampler(train_set, runtime, 'repeated' if args.repeated_aug else 'distributed', seed)
     train_loader = data.loader(train_set, train_sampler, args.batch_size, args.num_workers, pin, True, seed)
-    val_sampler = data.eval_sampler(val_set, runtime, args.dist_eval)
+    val_sampler = data.eval_sampler(val_set, runtime, args.dist_eval, shuffle=args.shuffle_eval, seed=args.seed)
     val_loader = data.loader(val_set, val_sampler, int(1.5 * args.batch_size), args.num_workers, pin, False, seed)
 
     mixup_fn = None

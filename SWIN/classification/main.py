@@ -111,6 +111,9 @@ def build_scheduler(config, optimizer, steps_per_epoch):
     """A timm scheduler stepped once per optimizer step (step_update)."""
     s, train = config.TRAIN.LR_SCHEDULER, config.TRAIN
     total, warmup = train.EPOCHS * steps_per_epoch, train.WARMUP_EPOCHS * steps_per_epoch
+    if s.NAME == 'cosine' and s.WARMUP_PREFIX and train.EPOCHS <= train.WARMUP_EPOCHS:
+        raise ValueError(f'TRAIN.EPOCHS {train.EPOCHS} must exceed TRAIN.WARMUP_EPOCHS {train.WARMUP_EPOCHS} '
+                         f'(the cosine schedule follows the warm-up)')
     common = dict(warmup_lr_init=train.WARMUP_LR, warmup_t=warmup, t_in_epochs=False)
     if s.NAME == 'cosine':
         return CosineLRScheduler(optimizer, t_initial=total - warmup if s.WARMUP_PREFIX else total,
