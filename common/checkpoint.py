@@ -12,14 +12,14 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over it:
+def _write_atomic(path, write):
+    """write(f) into a temporary file beside `path`, flush it to disk, then rename it over `path`:
     a crash or a full disk leaves the previous file intact, never a partial one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
+                               dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -28,18 +28,15 @@ def save_atomic(obj, path):
         raise
 
 
+def save_atomic(obj, path):
+    """torch.save(obj) to `path` atomically."""
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
 def copy_atomic(src, dst):
-    folder = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(dst) + '.', suffix='.tmp', dir=folder)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Copy the file `src` to `dst` atomically."""
+    with open(src, 'rb') as source:
+        _write_atomic(dst, lambda f: shutil.copyfileobj(source, f))
 
 
 def load(path):
