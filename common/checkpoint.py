@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, safe (weights-only) reads, strict loads with a clear key report."""
+import io
 import os
 import pickle
 import shutil
@@ -12,25 +13,49 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def prepare_output(folder, option):
+    """Create `folder` and write a probe file there, so that an unwritable folder or a full disk
+    stops the run before any training; `option` names the setting that chose the folder."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(bytes(1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, f'{option} {folder!r} cannot be written to ({e.strerror}); free some space or '
+                               f'choose a writable folder') from None
+
+
 def _write_atomic(path, write):
     """write(f) into a temporary file beside `path`, flush it to disk, then rename it over `path`:
-    a crash or a full disk leaves the previous file intact, never a partial one."""
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
-                               dir=os.path.dirname(os.path.abspath(path)))
+    a crash or a full disk leaves the previous file intact, never a partial one. Temporary files
+    that an earlier, killed write of `path` left behind are removed first."""
+    folder, prefix = os.path.dirname(os.path.abspath(path)), '.' + os.path.basename(path) + '.'
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name.endswith('.tmp'):
+            os.unlink(os.path.join(folder, name))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix='.tmp', dir=folder)
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f'could not write {path}: {e.strerror or e}; the previous file there, if any, is '
+                                  f'intact') from e
         raise
 
 
 def save_atomic(obj, path):
-    """torch.save(obj) to `path` atomically."""
-    _write_atomic(path, lambda f: torch.save(obj, f))
+    """torch.save(obj) to `path` atomically. The bytes are made in memory first, so that a failing
+    disk surfaces as the system's own error (torch's file writer reports only a position mismatch)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _write_atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def copy_atomic(src, dst):

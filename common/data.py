@@ -1,12 +1,53 @@
 """Image-folder datasets, the timm train/eval transforms, samplers and loaders."""
 import os
+import sys
 
 import torch
+from PIL import Image
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+from common.runtime import seed_all
+
+
+class ImageReadError(RuntimeError):
+    pass
+
+
+def read_rgb(path):
+    """The image at `path` in RGB. A file that does not decode stops the run naming it: skipping
+    it would silently change the data (and the batch composition ISTA2 depends on)."""
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated or foreign files
+        raise ImageReadError(f'cannot read image {path}: {e}. Delete or replace the file and rerun; training '
+                             f'resumes from the last checkpoint') from None
+
+
+def image_folder(path):
+    """ImageFolder over `path`/<class>/*, read with read_rgb; files without an image extension
+    (torchvision's IMG_EXTENSIONS: notes, .DS_Store, ...) are skipped and counted in a warning."""
+    skipped = []
+
+    def is_image(file):
+        keep = has_file_allowed_extension(file, IMG_EXTENSIONS)
+        if not keep:
+            skipped.append(file)
+        return keep
+
+    try:
+        folder = datasets.ImageFolder(path, loader=read_rgb, is_valid_file=is_image)
+    except FileNotFoundError as e:  # torchvision: no class folders, or a class folder without images
+        raise FileNotFoundError(f'{path}: {e} (image extensions: {" ".join(IMG_EXTENSIONS)})') from None
+    if skipped and int(os.environ.get('RANK', 0)) == 0:
+        print(f'warning: {path}: skipped {len(skipped)} files without an image extension, e.g. {skipped[0]}',
+              file=sys.stderr, flush=True)
+    return folder
 
 
 def image_folders(root, train='train', val='val'):
@@ -19,10 +60,7 @@ def image_folders(root, train='train', val='val'):
         path = os.path.join(root, split)
         if not os.path.isdir(path):
             raise FileNotFoundError(f'data path {root!r} has no {split!r} folder (expected {path}/<class>/*)')
-        try:
-            folders.append(datasets.ImageFolder(path))
-        except FileNotFoundError as e:  # torchvision: no class folders, or a class folder without images
-            raise FileNotFoundError(f'{path}: {e}') from None
+        folders.append(image_folder(path))
     if folders[0].classes != folders[1].classes:
         only_train = sorted(set(folders[0].classes) - set(folders[1].classes))
         only_val = sorted(set(folders[1].classes) - set(folders[0].classes))
@@ -98,15 +136,19 @@ def eval_sampler(dataset, runtime, sharded, shuffle=False, seed=0):
     return SequentialSampler(dataset)
 
 
-def loader(dataset, sampler, batch_size, workers, pin_memory, train, seed=0):
+def loader(dataset, sampler, batch_size, workers, pin_memory, train):
+    """Workers start afresh each pass and take their seeds from torch's global generator, which
+    runtime.seed_all reseeds every epoch: a resumed epoch augments exactly as an uninterrupted one."""
     if train and len(sampler) < batch_size:
         raise ValueError(f'the per-process batch size {batch_size} is larger than the {len(sampler)} training images '
                          f'this process gets per epoch; use a smaller batch size')
-    generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=train, generator=generator, persistent_workers=workers > 0)
+                      drop_last=train)
 
 
-def set_epoch(sampler, epoch):
+def start_epoch(sampler, epoch, seed, rank):
+    """Before training epoch `epoch`: the sampler's order for that epoch, and every random generator
+    reseeded from (seed, rank, epoch) (see runtime.seed_all)."""
     if hasattr(sampler, 'set_epoch'):
         sampler.set_epoch(epoch)
+    seed_all(seed, rank, epoch)

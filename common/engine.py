@@ -10,8 +10,12 @@ from timm.utils import accuracy
 from common.runtime import all_reduce_sum
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteError(RuntimeError):
+    """Training diverged; raised before a checkpoint could capture it."""
+
+
+ADVICE = ('stopping before anything is saved, so the last checkpoint stays the last good one; lower the learning '
+          'rate, clip gradients, or look for a broken image, then resume')
 
 
 class Meters:
@@ -53,7 +57,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, 
     step_update(steps) is called after every optimizer step with the number of steps taken before
     it since training began (per-step schedulers, as Swin's);
     gradients are clipped to `clip_grad` (max norm) when given. A non-finite loss raises
-    NonFiniteLossError before any parameter is touched by it.
+    NonFiniteError before any parameter is touched by it, and so do non-finite parameters at
+    the end of the epoch, before the caller can save them.
     """
     model.train()
     meters = Meters(f'Epoch: [{epoch}]', len(loader), print_freq, echo)
@@ -67,7 +72,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, 
             loss = criterion(model(images), targets)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, step {i}; stopping')
+            raise NonFiniteError(f'loss is {loss_value} at epoch {epoch}, step {i}; {ADVICE}')
         scaler.scale(loss / accumulation_steps).backward()
         if (i + 1) % accumulation_steps == 0:
             scaler.unscale_(optimizer)
@@ -81,8 +86,10 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, 
             meters.update(grad_norm=float(grad_norm))
         meters.update(n=len(images), loss=loss_value, lr=optimizer.param_groups[-1]['lr'])
         meters.step(i)
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
+    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise NonFiniteError(f'{len(broken)} parameter tensors are not finite after epoch {epoch} '
+                             f'(first: {broken[0]}); {ADVICE}')
     totals = all_reduce_sum([meters.sums['loss'], meters.counts['loss']], device)
     return {'lr': meters.last.get('lr', 0.), 'loss': totals[0] / max(totals[1], 1)}
 

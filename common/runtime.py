@@ -1,8 +1,10 @@
 """The process's runtime: device, process group (torchrun or a single process), CPU tuning."""
 import ctypes
 import os
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -64,6 +66,20 @@ def tune_cpu():
         return
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: serve blocks up to 32 MiB (the maximum) from the heap
     libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: do not give freed heap memory back to the OS
+
+
+def seed_all(seed, rank, epoch=None):
+    """Seed python's random, numpy and torch (every device) for this rank: with seed + rank at
+    start-up (epoch None), as upstream, and from (seed, rank, epoch) alone at the start of each
+    epoch, so that a run resumed at an epoch draws exactly the numbers an uninterrupted run
+    draws there (augmentation, data-loader worker seeds, mixup, drop-path, ISTA2's random tokens)."""
+    if epoch is not None:
+        seed = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    else:
+        seed = seed + rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def shutdown():

@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny generated image-folder dataset and a runner for the trainers' command lines."""
 import os
-import shutil
+import resource
 import socket
 import subprocess
 import sys
@@ -19,35 +19,41 @@ def tiny_data(tmp_path_factory):
     return generate(str(tmp_path_factory.mktemp('data') / 'tiny'), train_per_class=8, val_per_class=4, size=32)
 
 
-@pytest.fixture
-def mismatched_data(tiny_data, tmp_path):
-    """The tiny dataset with one class missing from val."""
-    root = tmp_path / 'mismatched'
-    shutil.copytree(tiny_data, root)
-    shutil.rmtree(root / 'val' / 'dots')
-    return str(root)
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
 
-def run(cwd, args, nproc=None, expect_ok=True, timeout=300, launcher=None):
-    """Run a trainer in `cwd` (relative to the repo): plain python, torchrun with nproc processes,
-    or another launcher ('bash' for run.sh) with this venv's python first on the PATH."""
+def trainer_env():
+    return {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'PYTHONUNBUFFERED': '1',
+            'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')}
+
+
+def command(args, nproc=None, launcher=None, port=None, max_restarts=0):
+    """plain python, torchrun with nproc processes, or another launcher ('bash' for run.sh)."""
     if launcher:
-        launcher = [launcher]
-    else:
-        launcher = [sys.executable]
-        if nproc:
-            launcher += ['-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port',
-                         str(free_port())]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore',
-           'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')}
-    proc = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT / cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+        return [launcher] + [str(a) for a in args]
+    cmd = [sys.executable]
+    if nproc:
+        cmd += ['-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port',
+                str(port or free_port()), '--max-restarts', str(max_restarts)]
+    return cmd + [str(a) for a in args]
+
+
+def run(cwd, args, nproc=None, expect_ok=True, timeout=300, launcher=None, port=None):
+    """Run a trainer in `cwd` (relative to the repo): see `command` and `execute`."""
+    return execute(cwd, command(args, nproc, launcher, port), expect_ok, timeout)
+
+
+def execute(cwd, cmd, expect_ok=True, timeout=300, max_file_bytes=None):
+    """Run `cmd` in `cwd` with this venv's python first on the PATH and return its output.
+    max_file_bytes caps the size of every file it writes (RLIMIT_FSIZE), as a full disk would."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    proc = subprocess.run(cmd, cwd=ROOT / cwd, env=trainer_env(), capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit if max_file_bytes is not None else None)
     output = proc.stdout + proc.stderr
     if expect_ok and proc.returncode:
         raise AssertionError(f'exit {proc.returncode}:\n{output[-4000:]}')

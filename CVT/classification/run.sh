@@ -34,5 +34,12 @@ cd "$(dirname "$0")"
 if [ "$install" = 1 ]; then
     "${PYTHON:-python3}" -m pip install -r ../../requirements.txt -q
 fi
+if ! "${PYTHON:-python3}" -c 'import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", int(sys.argv[1])))' "$port" 2>/dev/null; then
+    echo "run.sh: master port ${port} is already in use (another run?); choose a free one with -p PORT" >&2
+    exit 1
+fi
 exec "${PYTHON:-python3}" -m torch.distributed.run --nnodes 1 --node_rank 0 --master_addr 127.0.0.1 --master_port "$port" \
     --nproc_per_node "$gpus" "tools/${job}.py" "${extra[@]}"

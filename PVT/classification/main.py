@@ -13,11 +13,9 @@ import datetime
 import difflib
 import json
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 from mmengine.config import Config
 from timm.data import Mixup
@@ -28,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets
 
 from common import checkpoint, data, engine
-from common.runtime import init_runtime, shutdown
+from common.runtime import init_runtime, seed_all, shutdown
 
 from pvt_v2 import create_model
 
@@ -185,18 +183,16 @@ def main(args):
         if runtime.is_main:
             print(*a, flush=True)
 
-    seed = args.seed + runtime.rank
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    seed_all(args.seed, runtime.rank)
     torch.backends.cudnn.benchmark = True
 
     train_set, val_set, num_classes = build_datasets(args)
     pin = args.pin_mem and device.type == 'cuda'
-    train_sampler = data.train_sampler(train_set, runtime, 'repeated' if args.repeated_aug else 'distributed', seed)
-    train_loader = data.loader(train_set, train_sampler, args.batch_size, args.num_workers, pin, True, seed)
+    train_sampler = data.train_sampler(train_set, runtime, 'repeated' if args.repeated_aug else 'distributed',
+                                         args.seed)
+    train_loader = data.loader(train_set, train_sampler, args.batch_size, args.num_workers, pin, True)
     val_sampler = data.eval_sampler(val_set, runtime, args.dist_eval, shuffle=args.shuffle_eval, seed=args.seed)
-    val_loader = data.loader(val_set, val_sampler, int(1.5 * args.batch_size), args.num_workers, pin, False, seed)
+    val_loader = data.loader(val_set, val_sampler, int(1.5 * args.batch_size), args.num_workers, pin, False)
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
@@ -229,10 +225,6 @@ def main(args):
         criterion = torch.nn.CrossEntropyLoss()
 
     output_dir = args.output_dir
-    if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        if not os.access(output_dir, os.W_OK):
-            raise PermissionError(f'--output_dir {output_dir} is not writable')
     resume = args.resume
     if not resume and output_dir and os.path.isfile(os.path.join(output_dir, 'checkpoint.pth')):
         resume = os.path.join(output_dir, 'checkpoint.pth')
@@ -270,7 +262,7 @@ def main(args):
     start_time = time.time()
     fp32_until = args.start_epoch + 2 if args.fp32_resume and resumed else -1
     for epoch in range(args.start_epoch, args.epochs):
-        data.set_epoch(train_sampler, epoch)
+        data.start_epoch(train_sampler, epoch, args.seed, runtime.rank)
         amp = epoch >= fp32_until
         train_stats = engine.train_one_epoch(
             model, criterion, train_loader, optimizer, scaler if amp else torch.amp.GradScaler(enabled=False),
@@ -320,7 +312,7 @@ def cli(argv=None):
     args = parser.parse_args(argv)
     apply_config(args, parser, argv)
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+        checkpoint.prepare_output(args.output_dir, '--output_dir')
     main(args)
     shutdown()
 

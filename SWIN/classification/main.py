@@ -12,11 +12,9 @@ import datetime
 import json
 import logging
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -25,7 +23,7 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRSchedu
 from torch.nn.parallel import DistributedDataParallel
 
 from common import checkpoint, data, engine
-from common.runtime import init_runtime, shutdown
+from common.runtime import init_runtime, seed_all, shutdown
 
 from config import get_config
 from models import build_model
@@ -172,10 +170,7 @@ def throughput(loader, model, logger):
 def main(config):
     runtime = init_runtime()
     device = runtime.device
-    seed = config.SEED + runtime.rank
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    seed_all(config.SEED, runtime.rank)
     torch.backends.cudnn.benchmark = True
 
     train_set, val_set = data.image_folders(config.DATA.DATA_PATH)
@@ -186,7 +181,7 @@ def main(config):
         setattr(config.TRAIN, key, getattr(config.TRAIN, key) * world_batch)
     config.freeze()
 
-    os.makedirs(config.OUTPUT, exist_ok=True)
+    checkpoint.prepare_output(config.OUTPUT, 'output folder (--output/MODEL.NAME/--tag)')
     logger = create_logger(config.OUTPUT, runtime.rank, config.MODEL.NAME)
     if runtime.is_main:
         with open(os.path.join(config.OUTPUT, 'config.json'), 'w') as f:  # JSON, which YAML readers also read
@@ -202,11 +197,10 @@ def main(config):
                                             center_crop=config.TEST.CROP)
     pin = config.DATA.PIN_MEMORY and device.type == 'cuda'
     train_sampler = data.train_sampler(train_set, runtime, 'distributed', seed=config.SEED)
-    train_loader = data.loader(train_set, train_sampler, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, pin, True,
-                               seed)
+    train_loader = data.loader(train_set, train_sampler, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, pin, True)
     sharded = runtime.distributed and not config.TEST.SEQUENTIAL
     val_sampler = data.eval_sampler(val_set, runtime, sharded, shuffle=config.TEST.SHUFFLE, seed=config.SEED)
-    val_loader = data.loader(val_set, val_sampler, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, pin, False, seed)
+    val_loader = data.loader(val_set, val_sampler, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, pin, False)
     mixup_fn = None
     if aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None:
         mixup_fn = Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
@@ -269,7 +263,7 @@ def main(config):
     logger.info('Start training')
     start_time = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        data.set_epoch(train_sampler, epoch)
+        data.start_epoch(train_sampler, epoch, config.SEED, runtime.rank)
         epoch_start = time.time()
         engine.train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, epoch, amp=amp,
                                clip_grad=config.TRAIN.CLIP_GRAD, mixup_fn=mixup_fn,

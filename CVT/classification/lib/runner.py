@@ -2,15 +2,13 @@
 import argparse
 import logging
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 
-from common import data
-from common.runtime import init_runtime
+from common import checkpoint, data
+from common.runtime import init_runtime, seed_all
 
 from lib.config import config as default_config
 from lib.config import update_config
@@ -31,15 +29,12 @@ def setup(args, phase):
     """Runtime, frozen config, output folder OUTPUT_DIR/<dataset>/<cfg name> and a logger."""
     runtime = init_runtime()
     config = update_config(default_config.clone(), args, runtime.world_size, runtime.rank)
-    seed = config.SEED + runtime.rank
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    seed_all(config.SEED, runtime.rank)
     torch.backends.cudnn.benchmark = config.CUDNN.BENCHMARK
     torch.backends.cudnn.deterministic = config.CUDNN.DETERMINISTIC
     torch.backends.cudnn.enabled = config.CUDNN.ENABLED
     out = os.path.join(config.OUTPUT_DIR, config.DATASET.DATASET, config.NAME)
-    os.makedirs(out, exist_ok=True)
+    checkpoint.prepare_output(out, 'output folder (OUTPUT_DIR/DATASET.DATASET/<cfg name>)')
     logger = logging.getLogger(f'cvt.{phase}')
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -71,7 +66,7 @@ def val_loader(config, runtime, dataset):
                                             std=config.INPUT.STD)
     sampler = data.eval_sampler(dataset, runtime, runtime.distributed, shuffle=config.TEST.SHUFFLE, seed=config.SEED)
     return data.loader(dataset, sampler, config.TEST.BATCH_SIZE_PER_GPU, config.WORKERS,
-                       config.PIN_MEMORY and runtime.device.type == 'cuda', False, config.SEED)
+                       config.PIN_MEMORY and runtime.device.type == 'cuda', False)
 
 
 def train_loader(config, runtime, dataset):
@@ -90,7 +85,7 @@ def train_loader(config, runtime, dataset):
         raise ValueError(f'DATASET.SAMPLER {config.DATASET.SAMPLER!r}; valid: {", ".join(kinds)}')
     sampler = data.train_sampler(dataset, runtime, kinds[config.DATASET.SAMPLER], seed=config.SEED)
     loader = data.loader(dataset, sampler, config.TRAIN.BATCH_SIZE_PER_GPU, config.WORKERS,
-                         config.PIN_MEMORY and runtime.device.type == 'cuda', True, config.SEED)
+                         config.PIN_MEMORY and runtime.device.type == 'cuda', True)
     return loader, sampler
 
 

@@ -142,7 +142,7 @@ def main():
     logger.info('=> start training')
     for epoch in range(begin_epoch, config.TRAIN.END_EPOCH):
         start = time.time()
-        data.set_epoch(train_sampler, epoch)
+        data.start_epoch(train_sampler, epoch, config.SEED, runtime.rank)
         train_stats = engine.train_one_epoch(
             model, criterion, train_loader, optimizer, scaler, device, epoch, amp=amp,
             clip_grad=config.TRAIN.CLIP_GRAD_NORM or None, mixup_fn=mixup_fn, print_freq=config.PRINT_FREQ,
