@@ -43,7 +43,7 @@ def image_folder(path):
     try:
         folder = datasets.ImageFolder(path, loader=read_rgb, is_valid_file=is_image)
     except FileNotFoundError as e:  # torchvision: no class folders, or a class folder without images
-        raise FileNotFoundError(f'{path}: {e} (image extensions: {" ".join(IMG_EXTENSIONS)})') from None
+        raise FileNotFoundError(f'{path}: {str(e).strip()} (image extensions: {" ".join(IMG_EXTENSIONS)})') from None
     if skipped and int(os.environ.get('RANK', 0)) == 0:
         print(f'warning: {path}: skipped {len(skipped)} files without an image extension, e.g. {skipped[0]}',
               file=sys.stderr, flush=True)
