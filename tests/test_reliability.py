@@ -283,6 +283,51 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(name, tiny_dat
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+STALL_SECOND_CHECKPOINT_WRITE = """
+import os, time
+_fsync = os.fsync
+
+
+def fsync(fd):  # test hook: stall the second training-checkpoint write just before it is synced
+    name = os.path.basename(os.readlink(f'/proc/self/fd/{fd}'))
+    target = name[1:].rsplit('.', 2)[0] if name.endswith('.tmp') else None
+    if target in ('checkpoint.pth', 'ckpt.pth') and os.path.exists(
+            os.path.join(os.path.dirname(os.readlink(f'/proc/self/fd/{fd}')), target)):
+        print('STALLED IN A CHECKPOINT WRITE, pid', os.getpid(), flush=True)
+        time.sleep(600)
+    _fsync(fd)
+
+
+os.fsync = fsync
+"""
+
+
+@pytest.mark.parametrize('name', TRAINERS)
+def test_a_trainer_killed_inside_a_checkpoint_write_resumes_from_the_previous_one(name, tiny_data, tmp_path):
+    trainer = TRAINERS[name]
+    hook = tmp_path / 'hook'
+    hook.mkdir()
+    (hook / 'sitecustomize.py').write_text(STALL_SECOND_CHECKPOINT_WRITE)
+    out = tmp_path / 'out'
+    cmd = trainer.train(tiny_data, out, 3)
+    env = {**trainer_env(), 'PYTHONPATH': str(hook)}
+    proc = subprocess.Popen(cmd, cwd=ROOT / trainer.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if 'STALLED IN A CHECKPOINT WRITE, pid' in line:
+            os.kill(int(line.split()[-1]), signal.SIGKILL)  # the process writing: rank 0 under torchrun
+    proc.wait(timeout=300)
+    assert proc.returncode != 0, ''.join(lines)[-3000:]
+    assert list(trainer.checkpoint(out).parent.glob('.*.tmp'))  # the interrupted write's file
+    saved = load(trainer.checkpoint(out))
+    assert saved['epoch'] == (1 if name == 'cvt' else 0)  # the first epoch's checkpoint, intact
+    assert 'at epoch 1' in execute(trainer.cwd, cmd)
+    assert not list(trainer.checkpoint(out).parent.glob('.*.tmp'))
+    assert load(trainer.checkpoint(out))['epoch'] == (3 if name == 'cvt' else 2)
+
+
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     path = tmp_path / 'checkpoint.pth'
     writer = ('import sys, torch\nfrom common.checkpoint import save_atomic\n'
