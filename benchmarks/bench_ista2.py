@@ -1,13 +1,14 @@
 """Time and peak memory of one ISTA2 attention call (forward + backward) against the same
 attention with alignment and norms off, on PVTv2-B2 stage-1 and Swin-T stage-1 shapes.
 
-    python benchmarks/bench_ista2.py [--batch 32 128] [--reference /tmp/ref/ista2_ref.py]
+    python benchmarks/bench_ista2.py [--batch 32 128] [--reference /tmp/ref/ista2_ref.py] [--parts]
 
 Each measurement runs in a fresh process, so the peak resident memory it reports (growth
 above the process's footprint before the first step) belongs to that variant alone.
 ``--reference`` takes a scratch copy of the reference implementation's ``attns/ista2.py``
 (kept outside this repository, its ``.cuda()`` calls pointed at the CPU); it is then timed
-too, and its output compared with ours in float64.
+too, and its output compared with ours in float64. ``--parts`` also times the published
+settings' two halves alone: the q/k/v RMSNorms, and the alignment.
 """
 import argparse
 import importlib.util
@@ -22,7 +23,10 @@ from common.runtime import tune_cpu  # noqa: E402
 
 from measure import compare, report, time_step  # noqa: E402
 
-PUBLISHED = dict(qk_norm=True, v_norm=True, ista2_method='v', attn_inter_topk=1, rep_tkn_type='mean')
+NORMS = dict(qk_norm=True, v_norm=True)
+ALIGNMENT = dict(ista2_method='v', attn_inter_topk=1, rep_tkn_type='mean')
+PUBLISHED = {**NORMS, **ALIGNMENT}
+SETTINGS = {'baseline': {}, 'norms-only': NORMS, 'alignment-only': ALIGNMENT, 'ista2': PUBLISHED}
 # name: (dim, heads, query tokens, kv tokens, windows per image)
 SHAPES = {'pvt_v2_b2.stage1': (64, 1, 3136, 49, 1), 'swin_t.stage1': (96, 3, 49, 49, 64)}
 
@@ -37,9 +41,8 @@ def load_reference(path):
 def build(variant, shape, reference=None):
     dim, heads, _, _, windows = shape
     kwargs = dict(qk_scale=(dim // heads) ** -0.5, v_scale=(dim // heads) ** -0.5, is_swin=windows > 1)
-    settings = PUBLISHED if variant.endswith('ista2') else {}
     cls = load_reference(reference) if variant.startswith('reference') else ISTA2
-    return cls(dim, heads, **kwargs, **settings)
+    return cls(dim, heads, **kwargs, **SETTINGS[variant.removeprefix('reference-')])
 
 
 def inputs(shape, batch, dtype=torch.float32, seed=0):
@@ -84,18 +87,21 @@ def main():
     parser.add_argument('--repeats', type=int, default=5, help='timed calls per process')
     parser.add_argument('--rounds', type=int, default=3, help='processes per variant, alternating')
     parser.add_argument('--reference', help='scratch copy of the reference attns/ista2.py, CPU-patched')
+    parser.add_argument('--parts', action='store_true', help='also time the norms alone and the alignment alone')
+    parser.add_argument('--shapes', nargs='+', default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument('--worker', nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         variant, shape_name, batch, repeats, reference = args.worker
         return worker(variant, shape_name, int(batch), int(repeats), reference)
 
-    variants = ['baseline', 'ista2'] + (['reference-baseline', 'reference-ista2'] if args.reference else [])
+    variants = ['baseline'] + (['norms-only', 'alignment-only'] if args.parts else []) + ['ista2']
+    variants += ['reference-baseline', 'reference-ista2'] if args.reference else []
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, forward+backward, '
           f'median over {args.rounds} alternating processes of the median of {args.repeats} calls; '
           'ratios are to our baseline')
     print(f'{"shape":18} {"batch":>5} {"variant":18} {"ms":>9} {"peak MiB":>9} {"time x":>7} {"mem x":>7}')
-    for shape_name in SHAPES:
+    for shape_name in args.shapes:
         if args.reference:
             print(f'{shape_name}: max |ours - reference| (float64) = {max_difference(shape_name, args.reference):.2e}')
         for batch in args.batch:
