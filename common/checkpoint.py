@@ -42,11 +42,12 @@ def _write_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except OSError as e:
         os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointError(f'could not write {path}: {e.strerror or e}; the previous file there, if any, is '
-                                  f'intact') from e
+        raise CheckpointError(f'could not write {path}: {e.strerror or e}; the previous file there, if any, is '
+                              f'intact') from e
+    except BaseException:
+        os.unlink(tmp)
         raise
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import load
+from common.checkpoint import load, save_atomic
 from tests.conftest import ROOT, command, execute, free_port, trainer_env
 
 
@@ -146,10 +146,6 @@ class Cvt:
 
 
 TRAINERS = {'pvt': Pvt(), 'swin': Swin(), 'cvt': Cvt()}
-
-
-def message(trainer, case):
-    return trainer.bad_options[case][-1]
 
 
 def checkpoint_digests(out):
@@ -344,7 +340,6 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert load(path)['epoch'] == 1
     leftovers = [p for p in tmp_path.iterdir() if p.suffix == '.tmp']
     assert leftovers  # the killed write's partial file ...
-    from common.checkpoint import save_atomic
     save_atomic({'epoch': 3}, path)
     assert sorted(os.listdir(tmp_path)) == ['checkpoint.pth']  # ... is cleared by the next write
 
@@ -359,7 +354,7 @@ def test_bad_option(case, name, tiny_data, existing, tmp_path):
     trainer = TRAINERS[name]
     out, digests = existing(name)
     output = execute(trainer.cwd, trainer.bad_train(case, tiny_data, out, tmp_path), expect_ok=False)
-    assert message(trainer, case) in output
+    assert trainer.bad_options[case][-1] in output
     assert checkpoint_digests(out) == digests
 
 
