@@ -230,10 +230,22 @@ def test_cls_bg_background_query_has_no_gradient_path():
     assert q.grad[:, 0].abs().max() == 0 and q.grad[:, 1].abs().max() > 0
 
 
-def test_gradients_match_finite_differences():
-    m = make(dim=4, heads=2, norm='rmsnorm', attn_inter_topk=1, rep_tkn_type='mean', **ALIGN)
+@pytest.mark.parametrize('rep', [r for r in REPS if r != 'cls+bg'])  # cls+bg stops a gradient on purpose
+@pytest.mark.parametrize('topk', [1, 2])
+@pytest.mark.parametrize('bs_ratio', [None, 0.5])
+def test_gradients_match_finite_differences(rep, topk, bs_ratio):
+    torch.manual_seed(0)
+    m = make(dim=4, heads=2, norm='rmsnorm', attn_inter_topk=topk, rep_tkn_type=rep, bs_ratio=bs_ratio,
+             **ALIGN, **REPS[rep]).eval()  # eval: 'random' keeps its positions between calls
     inputs = tuple(t.requires_grad_() for t in qkv(b=3, p1=3, p2=3, c=4))
     assert torch.autograd.gradcheck(lambda *x: m(*x), inputs)
+
+
+def test_swin_gradients_match_finite_differences():
+    torch.manual_seed(0)
+    m = make(dim=4, heads=2, is_swin=True, norm='rmsnorm', attn_inter_topk=1, rep_tkn_type='mean', **ALIGN)
+    inputs = tuple(t.requires_grad_() for t in qkv(b=6, p1=3, p2=3, c=4))
+    assert torch.autograd.gradcheck(lambda *x: m(*x, real_b=3), inputs)
 
 
 def test_dropout_applies_to_the_attention_weights_only():
