@@ -7,7 +7,14 @@ most similar to (top-k by scaled dot product). See docs/method.md for the formul
 Shapes: ``b`` rows (images, or Swin windows), ``h`` heads of width ``d``, ``c = h*d``;
 ``p1`` query tokens, ``p2`` key/value tokens per row.
 """
+import contextlib
+import functools
+import io
 import math
+import os
+import shutil
+import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -17,6 +24,49 @@ from torch import nn
 NORM_TYPES = ('rmsnorm', 'layernorm')
 METHODS = (None, 'v')
 REP_TOKEN_TYPES = (None, 'cls', 'cls+bg', 'mean', 'random')
+
+
+# The fused CPU kernels (common/csrc/ista2_cpu.cpp) serve float32/float64 CPU tensors; set
+# ISTA2_CPU_KERNELS=0 (or this flag to False) to run the torch code path everywhere.
+CPU_KERNELS = os.environ.get('ISTA2_CPU_KERNELS', '1') != '0'
+
+
+@functools.cache
+def _load_cpu_kernels():
+    """Build (first call on a machine, about 30 s) and load the CPU kernels; None if that fails."""
+    source = os.path.join(os.path.dirname(__file__), 'csrc', 'ista2_cpu.cpp')
+    base = os.environ.get('TORCH_EXTENSIONS_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'torch_extensions')
+    folder = os.path.join(base, f'ista2_cpu-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}')
+    build_log = io.StringIO()  # the compiler's output, shown only if the build fails
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.path.exists(os.path.join(folder, 'ista2_cpu.so')):
+            print(f'ISTA2: building the fused CPU kernels into {folder} (once, about 30 s)', file=sys.stderr)
+        if shutil.which('ninja') is None:  # torch looks for ninja on PATH; the pip package's is not there
+            import ninja
+            os.environ['PATH'] = ninja.BIN_DIR + os.pathsep + os.environ.get('PATH', '')
+        with contextlib.redirect_stdout(build_log), contextlib.redirect_stderr(build_log):
+            from torch.utils import cpp_extension  # its import prints a CUDA_HOME note on CPU machines
+            return cpp_extension.load('ista2_cpu', [source], build_directory=folder,
+                                      extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'])
+    except Exception as error:  # no compiler, unwritable cache, ...: the torch path computes the same
+        warnings.warn(f'ISTA2: the fused CPU kernels could not be built ({error}); using the slower torch code '
+                      f'path. Set ISTA2_CPU_KERNELS=0 to skip the attempt. Build output:\n{build_log.getvalue()}',
+                      stacklevel=3)
+        return None
+
+
+def _cpu_kernels(x):
+    """The fused kernels if they serve tensor ``x`` (float32/64 on the CPU), else None."""
+    if not CPU_KERNELS or x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64):
+        return None
+    return _load_cpu_kernels()
+
+
+def _rows(x):
+    """x (..., c) as a 2-d (rows, c) tensor with unit channel stride, a view where possible."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _check(ok, option, value, valid):
@@ -57,21 +107,34 @@ def gather_from_ranks(x):
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """y = x / sqrt(mean(x^2) + eps) [* w] over the last dim, in 3 passes forward and 6 backward
-    (torch 2.4's composite nn.RMSNorm takes about three times as long on CPU); w may be None."""
+    """y = x / sqrt(mean(x^2) + eps) [* w] over the last dim; w may be None. One fused pass on
+    the CPU; elsewhere 3 passes forward and 6 backward (torch 2.4's composite nn.RMSNorm takes
+    about three times as long)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         opmath = torch.promote_types(x.dtype, torch.float32)
         eps = torch.finfo(opmath).eps if eps is None else eps
-        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=opmath).square_().div_(x.shape[-1])
-        inv_rms = mean_square.add_(eps).rsqrt_().to(x.dtype)
+        kernels = _cpu_kernels(x)
+        if kernels is not None:
+            y, inv_rms = kernels.rms_norm_forward(_rows(x), weight, eps)
+            y, inv_rms = y.view(x.shape), inv_rms.view(*x.shape[:-1], 1)
+        else:
+            mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=opmath).square_().div_(x.shape[-1])
+            inv_rms = mean_square.add_(eps).rsqrt_().to(x.dtype)
+            y = x * inv_rms if weight is None else (x * inv_rms).mul_(weight)
         ctx.save_for_backward(x, weight, inv_rms)
-        return x * inv_rms if weight is None else (x * inv_rms).mul_(weight)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, inv_rms = ctx.saved_tensors
+        weight_grad = weight is not None and ctx.needs_input_grad[1]
+        kernels = _cpu_kernels(x)
+        if kernels is not None and grad.dtype == x.dtype:
+            grad_x, grad_w = kernels.rms_norm_backward(_rows(grad), _rows(x), weight, inv_rms.reshape(-1),
+                                                       weight_grad)
+            return grad_x.view(x.shape), grad_w if weight_grad else None, None
         grad_times_x = (grad * x).reshape(-1, x.shape[-1])  # shared by both gradients
         if weight is None:
             dot, grad_x = grad_times_x.sum(-1), grad * inv_rms
@@ -79,7 +142,7 @@ class _RMSNormFunction(torch.autograd.Function):
             dot, grad_x = grad_times_x.mv(weight.to(grad.dtype)), (grad * weight).mul_(inv_rms)
         coef = dot.view(inv_rms.shape) * inv_rms.pow(3) / x.shape[-1]  # from sum_c grad * w * x per row
         grad_x.addcmul_(x, coef, value=-1)
-        grad_w = grad_times_x.t().mv(inv_rms.reshape(-1)) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_w = grad_times_x.t().mv(inv_rms.reshape(-1)) if weight_grad else None
         return grad_x, grad_w, None
 
 
@@ -101,22 +164,32 @@ class _AlignToBest(torch.autograd.Function):
     """Top-1 alignment, v' = (1 - w) v + w r* with w = sigmoid(s (v.r* - v.v)) and r* the best
     allowed candidate, per head. This is softmax([s v.v, s v.r*]) written as one sigmoid.
 
-    Scores and mixing are each one GEMM against the candidates laid out block-diagonally per head,
-    so v is read in its (tokens, c) layout and never split into heads or gathered per token; the
-    backward is written out for the same reason (about 2x faster than autograd's on CPU).
-    v (m, T, c): T tokens of each of m images; candidates (n, c); bar (m, n): 0 where image i
-    may use candidate j, -inf where not. Returns (m, T, c).
+    v (m, T, c): T tokens of each of m images; candidates (n, c); allowed (m, n) bool: whether
+    image i may use candidate j. Returns (m, T, c). On the CPU one fused kernel; elsewhere the
+    scores and the mix are each one GEMM against the candidates laid out block-diagonally per
+    head, so v is read in its (tokens, c) layout and never gathered per token, with the backward
+    written out for the same reason (about 2x faster than autograd's).
     """
 
     @staticmethod
     @torch.autocast('cuda', enabled=False)
     @torch.autocast('cpu', enabled=False)
-    def forward(ctx, v, candidates, bar, heads, scale):
+    def forward(ctx, v, candidates, allowed, heads, scale):
         """Runs in v's dtype (under AMP, the dtype of the norm or projection before it)."""
+        ctx.heads, ctx.scale = heads, scale
+        candidates = candidates.to(v.dtype)
+        kernels = _cpu_kernels(v)
+        ctx.fused = kernels is not None
+        if ctx.fused:
+            v = v.contiguous()
+            out, best, weight = kernels.align_forward(v, candidates, allowed, heads, scale)
+            ctx.save_for_backward(v, candidates, best, weight)
+            return out
         m, tokens, c = v.shape
         n, d = candidates.shape[0], c // heads
-        blocks = torch.block_diag(*candidates.to(v.dtype).view(n, heads, d).unbind(1))  # (h*n, c)
+        blocks = torch.block_diag(*candidates.view(n, heads, d).unbind(1))  # (h*n, c)
         scores = (v.reshape(-1, c) @ blocks.t()).view(m, tokens, heads, n)
+        bar = torch.zeros(allowed.shape, dtype=v.dtype, device=v.device).masked_fill_(~allowed, float('-inf'))
         best_score, best = scores.add_(bar[:, None, None]).max(-1, keepdim=True)
         opmath = torch.promote_types(v.dtype, torch.float32)
         self_score = torch.linalg.vector_norm(v.view(m, tokens, heads, d), dim=-1, dtype=opmath).square_()
@@ -125,11 +198,16 @@ class _AlignToBest(torch.autograd.Function):
         out = v.view(m, tokens, heads, d) * (1 - weight).to(v.dtype).unsqueeze(-1)
         out = out.view(-1, c).addmm_(mix.view(-1, heads * n), blocks)
         ctx.save_for_backward(v, blocks, best, weight)
-        ctx.heads, ctx.scale = heads, scale
         return out.view(m, tokens, c)
 
     @staticmethod
     def backward(ctx, grad):
+        candidates_grad = ctx.needs_input_grad[1]
+        if ctx.fused:
+            v, candidates, best, weight = ctx.saved_tensors
+            grad_v, grad_candidates = _load_cpu_kernels().align_backward(
+                grad.to(v.dtype), v, candidates, best, weight, ctx.heads, ctx.scale, candidates_grad)
+            return grad_v, grad_candidates if candidates_grad else None, None, None, None
         v, blocks, best, weight = ctx.saved_tensors
         m, tokens, c = v.shape
         heads = ctx.heads
@@ -145,9 +223,10 @@ class _AlignToBest(torch.autograd.Function):
         grad_v = grad_v.addcmul_(v_heads, grad_score.mul(-2).to(v.dtype).unsqueeze(-1)).view(-1, c)
         grad_v = grad_v.addmm_(to_best, blocks).view(m, tokens, c)
         grad_candidates = None
-        if ctx.needs_input_grad[1]:  # w g + (d loss / d score) v, summed over the tokens that chose each
-            mix = torch.zeros_like(to_best).view(m, tokens, heads, n).scatter_(-1, best, weight.unsqueeze(-1).to(v.dtype))
-            grad_blocks = (mix.view(-1, heads * n).t() @ grad).addmm_(to_best.t(), v.view(-1, c))  # (h*n, c)
+        if candidates_grad:  # w g + (d loss / d score) v, summed over the tokens that chose each
+            mix = torch.zeros(m, tokens, heads, n, dtype=v.dtype, device=v.device)
+            mix = mix.scatter_(-1, best, weight.unsqueeze(-1).to(v.dtype)).view(-1, heads * n)
+            grad_blocks = (mix.t() @ grad).addmm_(to_best.t(), v.view(-1, c))  # (h*n, c)
             grad_candidates = grad_blocks.view(heads, n, heads, d).diagonal(dim1=0, dim2=2).permute(0, 2, 1)
             grad_candidates = grad_candidates.reshape(n, c)
         return grad_v, grad_candidates, None, None, None
@@ -337,14 +416,16 @@ class ISTA2(nn.Module):
         # among the first others+1, and of those exactly one is barred, image min(g, others).
         candidates = reps[:others + 1].flatten(0, 1)  # ((others+1)*J, c)
         barred = (torch.arange(m, device=v.device) + offset).clamp(max=others)
-        bar = torch.zeros(m, others + 1, reps_per_image, dtype=v.dtype, device=v.device)
-        bar[torch.arange(m, device=v.device), barred] = float('-inf')
+        allowed = torch.ones(m, others + 1, reps_per_image, dtype=torch.bool, device=v.device)
+        allowed[torch.arange(m, device=v.device), barred] = False
+        allowed = allowed.flatten(1)  # (m, (others+1)*J)
         if topk == 1:
-            return _AlignToBest.apply(v, candidates, bar.flatten(1), h, self.v_scale)
+            return _AlignToBest.apply(v, candidates, allowed, h, self.v_scale)
 
         v_heads, candidates = v.view(m, tokens, h, d), candidates.view(-1, h, d)
         with torch.no_grad():  # which candidates win carries no gradient; their scores do, below
-            scores = torch.einsum('mthd,nhd->mthn', v_heads, candidates) + bar.flatten(1)[:, None, None]
+            scores = torch.einsum('mthd,nhd->mthn', v_heads, candidates)
+            scores.masked_fill_(~allowed[:, None, None], float('-inf'))
             best = scores.topk(topk, -1).indices  # (m, T, h, k)
         head_start = torch.arange(h, device=v.device).view(h, 1) * candidates.shape[0]
         chosen = F.embedding(best + head_start, candidates.transpose(0, 1).flatten(0, 1))  # (m, T, h, k, d)

@@ -6,7 +6,18 @@ import pytest
 import torch
 from torch import nn
 
+from common import ista2
 from common.ista2 import ISTA2
+
+
+@pytest.fixture(autouse=True, params=['fused', 'torch'])
+def code_path(request, monkeypatch):
+    """Every test runs on the fused CPU kernels and on the torch code path."""
+    fused = request.param == 'fused'
+    monkeypatch.setattr(ista2, 'CPU_KERNELS', fused)
+    if fused:
+        assert ista2._load_cpu_kernels() is not None, 'the fused CPU kernels did not build: see the warning'
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -325,3 +336,4 @@ def test_weightless_rmsnorm_gradients():
     from common.ista2 import _RMSNormFunction
     x = torch.randn(4, 6, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: _RMSNormFunction.apply(t, None, None), (x,))
+
