@@ -13,6 +13,14 @@ from common.demo_data import generate
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_sessionstart(session):
+    """Build ISTA2's fused CPU kernels once, before any test, so that trainer subprocesses load
+    them from the cache instead of building them under a test's timeout or file-size limit."""
+    from common import ista2
+    if ista2.CPU_KERNELS:
+        ista2._load_cpu_kernels()
+
+
 @pytest.fixture(scope='session')
 def tiny_data(tmp_path_factory):
     """10 classes, 8 train and 4 val images each, 32 px."""
