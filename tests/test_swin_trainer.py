@@ -78,3 +78,10 @@ def test_pretrained_weights_are_resized_to_a_new_window_and_head(tiny_data, tmp_
                            opts=['MODEL.SWIN.WINDOW_SIZE', '2']))
     assert 'keys new to this model' in output and 'ista2.q_norm_layer.weight' in output
     assert 'relative_position_bias_table' not in output.split('keys new to this model')[1].splitlines()[0]
+
+
+def test_an_improvement_between_save_epochs_still_writes_model_best(tiny_data, tmp_path):
+    # epochs 1 and 2 with SAVE_FREQ 5: only epoch 2, the last, is a scheduled checkpoint
+    output = run(CWD, args(BASE, tiny_data, str(tmp_path / 'out'), 3, opts=['SAVE_FREQ', '5', 'TRAIN.START_EPOCH',
+                                                                              '1']))
+    assert 0 <= output.find('model_best.pth saved') < output.find('ckpt.pth saved')

@@ -274,16 +274,18 @@ def main(config):
         improved = stats['acc1'] > max_accuracy
         max_accuracy = max(max_accuracy, stats['acc1'])
         logger.info(f'Max accuracy: {max_accuracy:.2f}%')
-        last = epoch == config.TRAIN.EPOCHS - 1
-        if runtime.is_main and (epoch % config.SAVE_FREQ == 0 or last):
-            path = os.path.join(config.OUTPUT, 'ckpt.pth')
-            checkpoint.save_atomic({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                                    'lr_scheduler': lr_scheduler.state_dict(), 'max_accuracy': max_accuracy,
-                                    'scaler': scaler.state_dict(), 'epoch': epoch, 'config': json.loads(
-                                        json.dumps(config))}, path)
-            logger.info(f'{path} saved')
-            if improved:
-                checkpoint.copy_atomic(path, os.path.join(config.OUTPUT, 'model_best.pth'))
+        scheduled = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
+        if runtime.is_main and (scheduled or improved):
+            state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
+                     'lr_scheduler': lr_scheduler.state_dict(), 'max_accuracy': max_accuracy,
+                     'scaler': scaler.state_dict(), 'epoch': epoch, 'config': json.loads(json.dumps(config))}
+            path, best = os.path.join(config.OUTPUT, 'ckpt.pth'), os.path.join(config.OUTPUT, 'model_best.pth')
+            if scheduled:
+                checkpoint.save_atomic(state, path)
+                logger.info(f'{path} saved')
+            if improved:  # between SAVE_FREQ epochs too, so that the best epoch is never lost
+                checkpoint.save_atomic(state, best)
+                logger.info(f'{best} saved (top-1 {max_accuracy:.2f}%)')
     logger.info(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     return stats if start_epoch < config.TRAIN.EPOCHS else None
 
