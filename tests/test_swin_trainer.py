@@ -67,6 +67,8 @@ def test_unsupported_options_are_refused(tiny_data, tmp_path):
     # the other bad inputs are rows of tests/test_reliability.py
     out = str(tmp_path / 'out')
     assert 'not supported here: DATA.ZIP_MODE' in run(CWD, args(ISTA2, tiny_data, out, 1, '--zip'), expect_ok=False)
+    refused = run(CWD, args(ISTA2, tiny_data, out, 1, '--cache-mode', 'full'), expect_ok=False)
+    assert '--cache-mode full caches zipped ImageNet (--zip), which is not supported here' in refused
 
 
 def test_pretrained_weights_are_resized_to_a_new_window_and_head(tiny_data, tmp_path):

@@ -159,9 +159,9 @@ def load_config(path, opts=()):
 def get_config(args):
     """The frozen config for parsed command-line `args` (see main.parse_option)."""
     config = load_config(args.cfg, args.opts or ())
-    flags = {'batch_size': 'DATA.BATCH_SIZE', 'data_path': 'DATA.DATA_PATH', 'cache_mode': 'DATA.CACHE_MODE',
-             'pretrained': 'MODEL.PRETRAINED', 'resume': 'MODEL.RESUME', 'accumulation_steps':
-             'TRAIN.ACCUMULATION_STEPS', 'output': 'OUTPUT', 'tag': 'TAG', 'optim': 'TRAIN.OPTIMIZER.NAME'}
+    flags = {'batch_size': 'DATA.BATCH_SIZE', 'data_path': 'DATA.DATA_PATH', 'pretrained': 'MODEL.PRETRAINED',
+             'resume': 'MODEL.RESUME', 'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS', 'output': 'OUTPUT',
+             'tag': 'TAG', 'optim': 'TRAIN.OPTIMIZER.NAME'}
     for flag, key in flags.items():
         value = getattr(args, flag, None)
         if value is not None:

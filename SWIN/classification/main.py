@@ -37,7 +37,7 @@ def parse_option(argv=None):
     p.add_argument('--data-path', type=str, help='image folder with train/ and val/')
     p.add_argument('--zip', action='store_true', help='zipped ImageNet (not supported here)')
     p.add_argument('--cache-mode', type=str, default=None, choices=['no', 'full', 'part'],
-                   help='zip-mode caching (not supported here)')
+                   help='zip-mode caching (not supported here, like --zip)')
     p.add_argument('--pretrained', help='initialise from this checkpoint (fine-tuning)')
     p.add_argument('--resume', help='resume from this checkpoint (default: the run folder\'s ckpt.pth)')
     p.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
@@ -53,6 +53,9 @@ def parse_option(argv=None):
     p.add_argument('--fused_layernorm', action='store_true', help='apex fused LayerNorm (not supported here)')
     p.add_argument('--optim', type=str, help='adamw or sgd (overrides TRAIN.OPTIMIZER.NAME)')
     args = p.parse_args(argv)
+    if args.cache_mode is not None:
+        p.error(f'--cache-mode {args.cache_mode} caches zipped ImageNet (--zip), which is not supported here; '
+                f'use an image folder and leave --cache-mode out')
     return args, get_config(args)
 
 
