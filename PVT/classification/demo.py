@@ -10,6 +10,7 @@ rate, 2 warm-up epochs, and no mixup, cutmix, RandAugment or random erasing.
 import argparse
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -21,8 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from common.demo_data import generate  # noqa: E402
 
 CONFIGS = ('pvt_v2_b0', 'pvt_v2_b0_ista2')
-DEMO_FLAGS = ['--input-size', '64', '--batch-size', '32', '--lr', '8e-3', '--warmup-epochs', '2', '--mixup', '0',
-              '--cutmix', '0', '--aa', '', '--reprob', '0', '--num_workers', '2']
+DATA_FLAGS = ['--input-size', '64', '--num_workers', '2']
+TRAIN_FLAGS = [*DATA_FLAGS, '--batch-size', '32', '--lr', '8e-3', '--warmup-epochs', '2', '--mixup', '0',
+               '--cutmix', '0', '--aa', '', '--reprob', '0']
 
 
 def free_port():
@@ -35,7 +37,7 @@ def torchrun(args, log_path):
     """Run main.py under torchrun (one process), teeing its output to log_path; returns the output."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '1', '--master_port', str(free_port()),
            'main.py', *args]
-    print('$ torchrun ' + ' '.join(cmd[3:]), flush=True)
+    print('$ torchrun ' + shlex.join(cmd[3:]), flush=True)
     with open(log_path, 'w') as log:
         proc = subprocess.run(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log.write(proc.stdout)
@@ -63,12 +65,12 @@ def main():
         config = f'configs/pvt_v2_ista2/{name}.py'
         start = time.time()
         train_log = torchrun(['--config', config, '--data-path', data, '--output_dir', out, '--epochs',
-                              str(args.epochs), *DEMO_FLAGS], os.path.join(args.workdir, f'{name}.train.log'))
+                              str(args.epochs), *TRAIN_FLAGS], os.path.join(args.workdir, f'{name}.train.log'))
         minutes = (time.time() - start) / 60
         params = int(re.search(r'number of params: (\d+)', train_log).group(1))
         ckpt = os.path.join(out, 'checkpoint.pth')
         evals = [accuracy(torchrun(['--eval', '--config', config, '--resume', ckpt, '--data-path', data,
-                                    *DEMO_FLAGS, '--batch-size', str(bs)],
+                                    *DATA_FLAGS, '--batch-size', str(bs)],
                                    os.path.join(args.workdir, f'{name}.eval{bs}.log'))) for bs in (32, 1)]
         rows.append((name, params, minutes, *evals[0], evals[1][0]))
     print(f'\nPVTv2-B0 on the demo dataset, {args.epochs} epochs, CPU/GPU as available (logs in {args.workdir})')
