@@ -31,6 +31,18 @@ def test_swin_t_counts_and_keys_equal_upstream():
     assert 'layers.2.downsample.reduction.weight' in keys and 'layers.3.downsample.norm.weight' not in keys
 
 
+@pytest.mark.parametrize('kwargs, params, gflops', [
+    (dict(depths=(2, 2, 18, 2)), 49_606_258, 8.747),  # Swin-S
+    (dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)), 87_768_224, 15.438),  # Swin-B
+    (dict(img_size=384, window_size=12, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+     87_903_584, 47.105),  # Swin-B at 384, window 12
+])
+def test_swin_s_and_b_counts_and_flops_equal_upstream(kwargs, params, gflops):
+    model = SwinTransformer(**kwargs)
+    assert n_params(model) == params and len(model.state_dict()) == 364
+    assert round(model.flops() / 1e9, 3) == gflops
+
+
 def test_swin_t_ista2_adds_only_the_norms():
     model = swin_t(ista2_args=PUBLISHED)
     extra = set(model.state_dict()) - set(swin_t().state_dict())
