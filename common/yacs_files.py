@@ -25,21 +25,33 @@ def merge_file(config, path):
         raise ValueError(f'{path}: {e}') from None
 
 
+def _hint(name, known):
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f' (did you mean {close[0]!r}?)' if close else ''
+
+
 def check_key(config, dotted, source='override'):
-    """KeyError naming `dotted` and the closest existing key, unless the config has it or its
-    parent node admits new keys."""
+    """KeyError naming `dotted` and the closest existing key, unless the config has it. yacs adds
+    no key from a KEY VALUE list, not even under a node that admits new keys from files."""
     node, parts = config, dotted.split('.')
     for i, name in enumerate(parts):
         if not isinstance(node, CfgNode):
             return
         if name not in node:
-            if node.is_new_allowed() and i == len(parts) - 1:
-                return
-            hint = difflib.get_close_matches(name, list(node), n=1)
             where = '.'.join(parts[:i]) or 'the top level'
+            files_only = '; new keys here can only come from a config file' if node.is_new_allowed() else ''
             raise KeyError(f'{source}: unknown config key {dotted!r}: no {name!r} under {where}'
-                           + (f' (did you mean {hint[0]!r}?)' if hint else ''))
+                           + _hint(name, node) + files_only)
         node = node[name]
+
+
+def check_known(node, where, known):
+    """KeyError for a key of `node` (a node that admits new keys, at `where`) outside `known`: the
+    code reads only those, so a mistyped one would otherwise be ignored without a word."""
+    for name in node:
+        if name not in known:
+            raise KeyError(f'unknown config key {where}.{name}{_hint(name, known)}; this trainer reads '
+                           f'{", ".join(sorted(known))} there')
 
 
 def merge_overrides(config, opts, source='override'):

@@ -123,3 +123,42 @@ def test_ista2_model_trains_and_a_batch_of_one_works():
 def test_unknown_model_name_is_refused():
     with pytest.raises(ValueError, match='cls_cvt_ista2'):
         build_model(config('cvt-13-224x224', 'MODEL.NAME', 'cls_hrnet'))
+
+
+def edited_config(tmp_path, old, new):
+    """The CvT-13 config with the line `old` replaced by `new`, loaded."""
+    text = (CVT / 'experiments' / 'imagenet' / 'cvt_ista2' / 'cvt-13-224x224.yaml').read_text()
+    assert old in text
+    path = tmp_path / 'cvt.yaml'
+    path.write_text(text.replace(old, new))
+    return update_config(default_config.clone(), Namespace(cfg=str(path), opts=[]))
+
+
+@pytest.mark.parametrize('old, new, message', [
+    ('DEPTH: [1, 2, 10]', 'DEPTHS: [1, 2, 10]', "unknown config key MODEL.SPEC.DEPTHS \\(did you mean 'DEPTH'\\?\\)"),
+    ('NUM_HEADS: [1, 3, 6]', 'NUM_HEADS: [1, 3]', r'NUM_HEADS=\[1, 3\]: give one value per stage \(NUM_STAGES=3\)'),
+    ('POS_EMBED: [false, false, false]', 'POS_EMBED: [false, false, true]', 'CvT has no position embedding'),
+    ("INIT: 'trunc_norm'", "INIT: 'kaiming'", "MODEL.SPEC.INIT='kaiming'; valid: trunc_norm, xavier"),
+])
+def test_a_spec_the_model_would_misread_is_refused(tmp_path, old, new, message):
+    with pytest.raises((KeyError, ValueError), match=message):
+        build_model(edited_config(tmp_path, old, new))
+
+
+@pytest.mark.parametrize('old, new, message', [
+    ('RE_PROB: 0.25', 'RE_PORB: 0.25', "unknown config key AUG.TIMM_AUG.RE_PORB \\(did you mean 'RE_PROB'\\?\\)"),
+    ('RE_SPLIT: false', 'RE_SPLIT: true', 'RE_SPLIT true is not supported'),
+    ('warmup_epochs: 5', 'warmup_epoch: 5', "unknown config key TRAIN.LR_SCHEDULER.ARGS.warmup_epoch \\(did you mean "
+                                            "'warmup_epochs'\\?\\)"),
+    ('LABEL_SMOOTHING: 0.1', 'LABEL_SMOOTH: 0.1', "unknown config key LOSS.LABEL_SMOOTH \\(did you mean "
+                                                  "'LABEL_SMOOTHING'\\?\\)"),
+])
+def test_unread_keys_under_the_open_config_nodes_are_refused(tmp_path, old, new, message):
+    with pytest.raises((KeyError, ValueError), match=message):
+        edited_config(tmp_path, old, new)
+
+
+def test_an_override_cannot_add_a_key_even_under_an_open_node():
+    with pytest.raises(KeyError, match="no 'DEPTHS' under MODEL.SPEC \\(did you mean 'DEPTH'\\?\\); new keys here can "
+                                       'only come from a config file'):
+        config('cvt-13-224x224', 'MODEL.SPEC.DEPTHS', '[1, 2, 10]')

@@ -2,13 +2,15 @@
 
 update_config applies, in order: the --cfg file (after the files its BASE list names), the
 trailing KEY VALUE overrides, TRAIN.SCALE_LR (lr x world size), and the derived values upstream
-sets (NAME, RANK, the timm scheduler's epochs, the timm optimizer's lr, MIXUP_PROB).
+sets (NAME, RANK, the timm scheduler's epochs, the timm optimizer's lr, MIXUP_PROB). Keys under
+the nodes that admit new ones (as upstream) must be keys the trainer reads; MODEL.SPEC is checked
+by the model (lib/models/cls_cvt.py).
 """
 import os
 
 from yacs.config import CfgNode as CN
 
-from common.yacs_files import ista2_node, merge_file, merge_overrides
+from common.yacs_files import check_known, ista2_node, merge_file, merge_overrides
 
 _C = CN()
 _C.BASE = ['']
@@ -140,11 +142,36 @@ _C.DEBUG.DEBUG = False
 
 config = _C
 
+# What the trainer reads under the nodes that admit new keys
+TIMM_AUG_KEYS = ('USE_LOADER', 'USE_TRANSFORM', 'COLOR_JITTER', 'AUTO_AUGMENT', 'INTERPOLATION', 'RE_PROB', 'RE_MODE',
+                 'RE_COUNT', 'RE_SPLIT', 'HFLIP', 'VFLIP')
+# the arguments timm's create_scheduler reads (timm.scheduler.scheduler_factory.scheduler_kwargs), less
+# sched_on_updates: this trainer steps the scheduler once per epoch
+TIMM_SCHEDULER_ARGS = ('sched', 'epochs', 'decay_epochs', 'decay_milestones', 'warmup_epochs', 'cooldown_epochs',
+                       'patience_epochs', 'decay_rate', 'min_lr', 'warmup_lr', 'warmup_prefix', 'lr_noise',
+                       'lr_noise_pct', 'lr_noise_std', 'seed', 'lr_cycle_mul', 'lr_cycle_decay', 'lr_cycle_limit',
+                       'lr_k_decay', 'eval_metric')
+
+
+def check_open_nodes(cfg):
+    """Refuse unread keys and unsupported values under LOSS, AUG.TIMM_AUG and TRAIN.LR_SCHEDULER."""
+    check_known(cfg.LOSS, 'LOSS', ('LABEL_SMOOTHING', 'LOSS'))
+    if cfg.LOSS.LOSS != 'softmax':
+        raise ValueError(f'LOSS.LOSS {cfg.LOSS.LOSS!r} is not supported; valid: softmax (cross-entropy)')
+    check_known(cfg.AUG.TIMM_AUG, 'AUG.TIMM_AUG', TIMM_AUG_KEYS)
+    if cfg.AUG.TIMM_AUG.get('RE_SPLIT'):
+        raise ValueError('AUG.TIMM_AUG.RE_SPLIT true is not supported (it only acts with augmentation splits, '
+                         'which neither upstream nor this trainer uses); set it to false')
+    if cfg.TRAIN.LR_SCHEDULER.get('METHOD') == 'timm':  # other methods are refused by tools/train.py
+        check_known(cfg.TRAIN.LR_SCHEDULER, 'TRAIN.LR_SCHEDULER', ('METHOD', 'ARGS'))
+        check_known(cfg.TRAIN.LR_SCHEDULER.ARGS, 'TRAIN.LR_SCHEDULER.ARGS', TIMM_SCHEDULER_ARGS)
+
 
 def update_config(cfg, args, world_size=1, rank=0):
     """Fill the (cloned, unfrozen) default `cfg` from parsed `args` (cfg, opts) and freeze it."""
     merge_file(cfg, args.cfg)
     merge_overrides(cfg, args.opts, 'override')
+    check_open_nodes(cfg)
     if cfg.TRAIN.SCALE_LR:
         cfg.TRAIN.LR *= world_size
     cfg.NAME = os.path.splitext(os.path.basename(args.cfg))[0] + cfg.NAME

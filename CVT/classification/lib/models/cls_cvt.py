@@ -14,6 +14,7 @@ from torch import nn
 
 from common.init import trunc_normal_linear
 from common.ista2 import ISTA2
+from common.yacs_files import check_known
 
 BG_TOKEN_SEED = 0
 
@@ -195,12 +196,40 @@ def stage_ista2_args(ista2, with_cls_token):
     return args, bg_idx is not None
 
 
+# MODEL.SPEC: the per-stage lists the model reads, and its other keys
+STAGE_KEYS = ('PATCH_SIZE', 'PATCH_STRIDE', 'PATCH_PADDING', 'DIM_EMBED', 'DEPTH', 'NUM_HEADS', 'MLP_RATIO', 'QKV_BIAS',
+              'DROP_RATE', 'ATTN_DROP_RATE', 'DROP_PATH_RATE', 'CLS_TOKEN', 'QKV_PROJ_METHOD', 'KERNEL_QKV',
+              'PADDING_Q', 'PADDING_KV', 'STRIDE_KV', 'STRIDE_Q')
+SPEC_KEYS = ('INIT', 'NUM_STAGES', 'POS_EMBED', *STAGE_KEYS)
+INITS = ('trunc_norm', 'xavier')
+
+
+def check_spec(spec):
+    """Refuse a MODEL.SPEC the model would misread. The node accepts new keys (as upstream), so a
+    mistyped key would otherwise be ignored silently."""
+    check_known(spec, 'MODEL.SPEC', SPEC_KEYS)
+    missing = [key for key in ('NUM_STAGES', *STAGE_KEYS) if key not in spec]
+    if missing:
+        raise ValueError(f'MODEL.SPEC lacks {", ".join(missing)}')
+    stages = spec['NUM_STAGES']
+    for key in (*STAGE_KEYS, 'POS_EMBED'):
+        values = spec.get(key, [False] * stages)
+        if not isinstance(values, (list, tuple)) or len(values) != stages:
+            raise ValueError(f'MODEL.SPEC.{key}={values!r}: give one value per stage (NUM_STAGES={stages})')
+    if any(spec.get('POS_EMBED', ())):
+        raise ValueError(f'MODEL.SPEC.POS_EMBED={spec["POS_EMBED"]!r}: CvT has no position embedding (upstream ignores '
+                         f'the key); set it to false for every stage')
+    if spec.get('INIT', 'trunc_norm') not in INITS:
+        raise ValueError(f'MODEL.SPEC.INIT={spec["INIT"]!r}; valid: {", ".join(INITS)}')
+
+
 class ConvolutionalVisionTransformer(nn.Module):
     """spec: the MODEL.SPEC node (per-stage lists); ista2: the MODEL.ISTA2 node."""
 
     def __init__(self, in_chans=3, num_classes=1000, act_layer=nn.GELU, norm_layer=nn.LayerNorm, init='trunc_norm',
                  spec=None, ista2=None):
         super().__init__()
+        check_spec(spec)
         self.num_classes, self.num_stages = num_classes, spec['NUM_STAGES']
         for i in range(self.num_stages):
             ista2_args, with_bg = stage_ista2_args(ista2, spec['CLS_TOKEN'][i])
