@@ -67,6 +67,8 @@ def test_unsupported_options_are_refused(tiny_data, tmp_path):
     # the other bad inputs are rows of tests/test_reliability.py
     out = str(tmp_path / 'out')
     assert 'not supported here: DATA.ZIP_MODE' in run(CWD, args(ISTA2, tiny_data, out, 1, '--zip'), expect_ok=False)
+    refused = run(CWD, args(ISTA2, tiny_data, out, 1, opts=['TRAIN.LAYER_DECAY', '0.9']), expect_ok=False)
+    assert 'not supported here: TRAIN.LAYER_DECAY (SimMIM fine-tuning)' in refused
     refused = run(CWD, args(ISTA2, tiny_data, out, 1, '--cache-mode', 'full'), expect_ok=False)
     assert '--cache-mode full caches zipped ImageNet (--zip), which is not supported here' in refused
 

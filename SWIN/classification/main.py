@@ -60,13 +60,17 @@ def parse_option(argv=None):
 
 
 def check_supported(config):
-    unsupported = {'DATA.ZIP_MODE (--zip)': config.DATA.ZIP_MODE, 'FUSED_WINDOW_PROCESS': config.FUSED_WINDOW_PROCESS,
-                   'FUSED_LAYERNORM': config.FUSED_LAYERNORM, 'DATA.DATASET imagenet22K':
-                   config.DATA.DATASET != 'imagenet'}
-    bad = [name for name, on in unsupported.items() if on]
+    unsupported = {  # what it is: (whether the config asks for it, what to do instead)
+        'DATA.ZIP_MODE (--zip)': (config.DATA.ZIP_MODE, 'use an image folder'),
+        f'DATA.DATASET {config.DATA.DATASET}': (config.DATA.DATASET != 'imagenet', 'use imagenet (any image folder)'),
+        'FUSED_WINDOW_PROCESS': (config.FUSED_WINDOW_PROCESS, 'leave it off (plain PyTorch kernels)'),
+        'FUSED_LAYERNORM': (config.FUSED_LAYERNORM, 'leave it off (plain PyTorch kernels)'),
+        'TRAIN.LAYER_DECAY (SimMIM fine-tuning)': (config.TRAIN.LAYER_DECAY != 1.0, 'leave it at 1.0'),
+        'ENABLE_AMP (SimMIM)': (config.ENABLE_AMP, 'use AMP_ENABLE'),
+    }
+    bad = [f'{name}: {advice}' for name, (asked, advice) in unsupported.items() if asked]
     if bad:
-        raise ValueError(f'not supported here: {", ".join(bad)}; use an image folder (DATA.DATASET imagenet) '
-                         f'and the plain PyTorch kernels')
+        raise ValueError(f'not supported here: {"; ".join(bad)}')
     if config.EVAL_MODE and not config.MODEL.RESUME and not os.path.isfile(os.path.join(config.OUTPUT, 'ckpt.pth')):
         raise ValueError('--eval needs a checkpoint: --resume PATH, or a run folder holding ckpt.pth')
 
