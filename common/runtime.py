@@ -90,9 +90,19 @@ def shutdown():
         dist.destroy_process_group()
 
 
+# The tensor of the last all_reduce_sum. torch 2.4's gloo worker thread can drop its reference to a
+# finished collective's tensor after the call has returned; if Python's was already gone, that drop
+# frees a Python object and needs the GIL, which destroy_process_group holds while it joins that
+# very thread: shutdown() then hangs (pytorch/pytorch#75097, fixed in torch by #154976). Keeping
+# the tensor referenced makes the worker's drop a plain refcount decrement.
+_last_reduced = None
+
+
 def all_reduce_sum(values, device):
     """Sum a list of floats over all ranks (identity without a process group)."""
+    global _last_reduced
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
+        _last_reduced = t
     return t.tolist()
