@@ -50,8 +50,8 @@ def check_known(node, where, known):
     code reads only those, so a mistyped one would otherwise be ignored without a word."""
     for name in node:
         if name not in known:
-            raise KeyError(f'unknown config key {where}.{name}{_hint(name, known)}; this trainer reads '
-                           f'{", ".join(sorted(known))} there')
+            raise KeyError(f'unknown config key {where}.{name}{_hint(name, known)}; the keys read there: '
+                           f'{", ".join(sorted(known))}')
 
 
 def merge_overrides(config, opts, source='override'):
