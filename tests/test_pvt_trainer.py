@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 from tests.conftest import run
@@ -66,3 +67,13 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_data, tmp_path):
     output = run(CWD, ['main.py', '--eval', '--config', 'configs/pvt_v2_ista2/pvt_v2_b2.py', '--resume',
                        os.path.join(out, 'checkpoint.pth'), '--data-path', tiny_data, *FAST], expect_ok=False)
     assert 'does not fit this model' in output and 'another shape' in output
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--dist_url', 'tcp://10.0.0.1:23456'], 'only env:// is supported; launch with torchrun'),
+    (['--world_size', '8'], '--world_size 8, but WORLD_SIZE is 1'),
+    (['--resplit'], '--resplit only acts with augmentation splits'),
+])
+def test_flags_that_would_do_nothing_are_refused(tiny_data, tmp_path, flags, message):
+    assert message in run(CWD, train_args(B0, tiny_data, str(tmp_path / 'run'), 1, *flags), expect_ok=False)
+    assert not os.path.exists(tmp_path / 'run')

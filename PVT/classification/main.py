@@ -158,6 +158,19 @@ def apply_config(args, parser, argv):
                 setattr(args, key, config_value(actions[key], key, value, args.config))
 
 
+def check_unused(args):
+    """Flags upstream accepts that would have no effect here are errors, not silently ignored."""
+    if args.dist_url != 'env://':
+        raise ValueError(f'--dist_url {args.dist_url}: only env:// is supported; launch with torchrun')
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if args.world_size not in (1, world):
+        raise ValueError(f'--world_size {args.world_size}, but WORLD_SIZE is {world}: the number of processes comes '
+                         f'from torchrun --nproc_per_node (and --nnodes), so drop --world_size')
+    if args.resplit:
+        raise ValueError('--resplit only acts with augmentation splits, which neither upstream nor this trainer '
+                         'uses; drop it')
+
+
 def build_datasets(args):
     if args.use_mcloader:
         raise ValueError('--use-mcloader (memcached ImageNet) is not supported; use an image folder')
@@ -311,6 +324,7 @@ def cli(argv=None):
     argv = argv if argv is not None else sys.argv[1:]
     args = parser.parse_args(argv)
     apply_config(args, parser, argv)
+    check_unused(args)
     if args.output_dir:
         checkpoint.prepare_output(args.output_dir, '--output_dir')
     main(args)
