@@ -18,9 +18,17 @@ from lib.models import build_model  # noqa: E402
 from lib.models.cls_cvt import QuickGELU  # noqa: E402
 
 
+def config_path(name):
+    return CVT / 'experiments' / 'imagenet' / 'cvt_ista2' / f'{name}.yaml'
+
+
+def load(path, *opts):
+    """The config file at `path` with KEY VALUE overrides, as the trainer loads it."""
+    return update_config(default_config.clone(), Namespace(cfg=str(path), opts=opts))
+
+
 def config(name, *opts):
-    return update_config(default_config.clone(),
-                         Namespace(cfg=str(CVT / 'experiments' / 'imagenet' / 'cvt_ista2' / f'{name}.yaml'), opts=opts))
+    return load(config_path(name), *opts)
 
 
 def n_params(model):
@@ -127,11 +135,11 @@ def test_unknown_model_name_is_refused():
 
 def edited_config(tmp_path, old, new):
     """The CvT-13 config with the line `old` replaced by `new`, loaded."""
-    text = (CVT / 'experiments' / 'imagenet' / 'cvt_ista2' / 'cvt-13-224x224.yaml').read_text()
+    text = config_path('cvt-13-224x224').read_text()
     assert old in text
     path = tmp_path / 'cvt.yaml'
     path.write_text(text.replace(old, new))
-    return update_config(default_config.clone(), Namespace(cfg=str(path), opts=[]))
+    return load(path)
 
 
 @pytest.mark.parametrize('old, new, message', [
