@@ -2,15 +2,20 @@
 import io
 import os
 import pickle
-import shutil
 import tempfile
 import zipfile
 
 import torch
 
+from common.errors import MissingPathError, UserError
 
-class CheckpointError(RuntimeError):
-    pass
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read, written or loaded into the model."""
+
+
+class OutputError(UserError, OSError):
+    """An output folder that cannot be written to."""
 
 
 def prepare_output(folder, option):
@@ -23,8 +28,8 @@ def prepare_output(folder, option):
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise OSError(e.errno, f'{option} {folder!r} cannot be written to ({e.strerror}); free some space or '
-                               f'choose a writable folder') from None
+        raise OutputError(f'{option} {folder!r} cannot be written to ({e.strerror}); free some space or choose a '
+                          f'writable folder') from None
 
 
 def _write_atomic(path, write):
@@ -37,6 +42,7 @@ def _write_atomic(path, write):
             os.unlink(os.path.join(folder, name))
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix='.tmp', dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide checkpoints from colleagues; logs get 0644
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
@@ -59,17 +65,20 @@ def save_atomic(obj, path):
     _write_atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
-def copy_atomic(src, dst):
-    """Copy the file `src` to `dst` atomically."""
-    with open(src, 'rb') as source:
-        _write_atomic(dst, lambda f: shutil.copyfileobj(source, f))
+def write_text_atomic(text, path):
+    """Write the string `text` to `path` atomically."""
+    _write_atomic(path, lambda f: f.write(text.encode()))
+
+
+_UMASK = os.umask(0o022)  # read the process's umask (there is no other way) and put it back
+os.umask(_UMASK)
 
 
 def load(path):
     """Read a checkpoint with torch.load(weights_only=True): tensors and plain data only, so a
     file carrying pickled code is refused instead of executed."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+        raise MissingPathError(f'checkpoint {path!r} does not exist')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:

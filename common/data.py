@@ -11,11 +11,12 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Samp
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from common.errors import ConfigError, MissingPathError, UserError
 from common.runtime import seed_all
 
 
-class ImageReadError(RuntimeError):
-    pass
+class ImageReadError(UserError, RuntimeError):
+    """An image file that does not decode."""
 
 
 def read_rgb(path):
@@ -43,7 +44,7 @@ def image_folder(path):
     try:
         folder = datasets.ImageFolder(path, loader=read_rgb, is_valid_file=is_image)
     except FileNotFoundError as e:  # torchvision: no class folders, or a class folder without images
-        raise FileNotFoundError(f'{path}: {str(e).strip()} (image extensions: {" ".join(IMG_EXTENSIONS)})') from None
+        raise MissingPathError(f'{path}: {str(e).strip()} (image extensions: {" ".join(IMG_EXTENSIONS)})') from None
     if skipped and int(os.environ.get('RANK', 0)) == 0:
         print(f'warning: {path}: skipped {len(skipped)} files without an image extension, e.g. {skipped[0]}',
               file=sys.stderr, flush=True)
@@ -53,18 +54,18 @@ def image_folder(path):
 def image_folders(root, train='train', val='val'):
     """ImageFolder datasets for root/train and root/val, checked to share one class list."""
     if not root or not os.path.isdir(root):
-        raise FileNotFoundError(f'data path {root!r} is not a folder; expected <root>/{train}/<class>/*.jpg '
+        raise MissingPathError(f'data path {root!r} is not a folder; expected <root>/{train}/<class>/*.jpg '
                                 f'and <root>/{val}/<class>/*.jpg')
     folders = []
     for split in (train, val):
         path = os.path.join(root, split)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f'data path {root!r} has no {split!r} folder (expected {path}/<class>/*)')
+            raise MissingPathError(f'data path {root!r} has no {split!r} folder (expected {path}/<class>/*)')
         folders.append(image_folder(path))
     if folders[0].classes != folders[1].classes:
         only_train = sorted(set(folders[0].classes) - set(folders[1].classes))
         only_val = sorted(set(folders[1].classes) - set(folders[0].classes))
-        raise ValueError(f'{root}: the {train} and {val} folders have different classes '
+        raise ConfigError(f'{root}: the {train} and {val} folders have different classes '
                          f'(only in {train}: {only_train[:5]}, only in {val}: {only_val[:5]})')
     return folders
 
@@ -124,7 +125,7 @@ def train_sampler(dataset, runtime, kind='distributed', seed=0):
                                 selected_round=256 if len(dataset) >= 256 else 0)
     if kind == 'distributed':
         return DistributedSampler(dataset, runtime.world_size, runtime.rank, shuffle=True, seed=seed)
-    raise ValueError(f'unknown train sampler {kind!r}; valid: distributed, repeated')
+    raise ConfigError(f'unknown train sampler {kind!r}; valid: distributed, repeated')
 
 
 def eval_sampler(dataset, runtime, sharded, shuffle=False, seed=0):
@@ -140,7 +141,7 @@ def loader(dataset, sampler, batch_size, workers, pin_memory, train):
     """Workers start afresh each pass and take their seeds from torch's global generator, which
     runtime.seed_all reseeds every epoch: a resumed epoch augments exactly as an uninterrupted one."""
     if train and len(sampler) < batch_size:
-        raise ValueError(f'the per-process batch size {batch_size} is larger than the {len(sampler)} training images '
+        raise ConfigError(f'the per-process batch size {batch_size} is larger than the {len(sampler)} training images '
                          f'this process gets per epoch; use a smaller batch size')
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                       drop_last=train)

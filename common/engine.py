@@ -7,10 +7,11 @@ from collections import defaultdict
 import torch
 from timm.utils import accuracy
 
+from common.errors import UserError
 from common.runtime import all_reduce_sum
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Training diverged; raised before a checkpoint could capture it."""
 
 

@@ -21,10 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-NORM_TYPES = ('rmsnorm', 'layernorm')
-METHODS = (None, 'v')
-REP_TOKEN_TYPES = (None, 'cls', 'cls+bg', 'mean', 'random')
-
+from common.ista2_options import require, validate
 
 # The fused CPU kernels (common/csrc/ista2_cpu.cpp) serve float32/float64 CPU tensors; set
 # ISTA2_CPU_KERNELS=0 (or this flag to False) to run the torch code path everywhere.
@@ -67,23 +64,6 @@ def _rows(x):
     """x (..., c) as a 2-d (rows, c) tensor with unit channel stride, a view where possible."""
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-def _check(ok, option, value, valid):
-    if not ok:
-        raise ValueError(f'ISTA2: invalid {option}={value!r}; valid: {valid}')
-
-
-def _check_ratio(option, value):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
-    _check(ok, option, value, 'a number in (0, 1]')
-    return float(value)
-
-
-def _check_index(option, value, rep_tkn_type):
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    _check(ok, option, value, f'a token index (int >= 0), required by rep_tkn_type={rep_tkn_type!r}')
-    return value
 
 
 def gather_from_ranks(x):
@@ -247,55 +227,27 @@ class ISTA2(nn.Module):
     Keyword-compatible with the reference implementation. ``qk_scale`` multiplies the
     q.k logits and ``v_scale`` the alignment scores; the backbones pass their attention
     scale for both. ``attn_drop_layer`` (e.g. the block's ``nn.Dropout``) is applied to
-    the self-attention weights only.
+    the self-attention weights only. ``options``: the keywords of
+    ``common.ista2_options.OPTIONS`` (qk_norm, ista2_method, rep_tkn_type, ...), checked
+    there and each kept as an attribute of the same name.
     """
 
-    def __init__(self, dim, num_heads=8, qk_scale=1., v_scale=1., attn_drop_layer=None, is_swin=False,
-                 qk_norm=False, v_norm=False, norm_type='rmsnorm', ista2_method=None, attn_inter_topk=0,
-                 rep_tkn_type=None, rep_tkn_ratio=None, cls_tkn_idx=None, bg_tkn_idx=None, bs_ratio=None,
-                 across_gpus=False):
+    def __init__(self, dim, num_heads=8, qk_scale=1., v_scale=1., attn_drop_layer=None, is_swin=False, **options):
         super().__init__()
-        _check(isinstance(num_heads, int) and num_heads > 0 and dim % num_heads == 0, 'num_heads', num_heads,
-               f'a positive divisor of dim={dim}')
-        _check(norm_type in NORM_TYPES, 'norm_type', norm_type, NORM_TYPES)
-        _check(ista2_method in METHODS, 'ista2_method', ista2_method, METHODS)
-        _check(isinstance(attn_inter_topk, int) and not isinstance(attn_inter_topk, bool) and attn_inter_topk >= 0,
-               'attn_inter_topk', attn_inter_topk, 'an int >= 0')
-        _check((ista2_method is None) == (attn_inter_topk == 0), 'attn_inter_topk', attn_inter_topk,
-               "0 when ista2_method is None, >= 1 when ista2_method='v'")
-        _check(rep_tkn_type in REP_TOKEN_TYPES, 'rep_tkn_type', rep_tkn_type, REP_TOKEN_TYPES)
-        if rep_tkn_type == 'random':
-            rep_tkn_ratio = _check_ratio('rep_tkn_ratio', rep_tkn_ratio)
-        else:
-            _check(rep_tkn_ratio is None, 'rep_tkn_ratio', rep_tkn_ratio, "None unless rep_tkn_type='random'")
-        if rep_tkn_type in ('cls', 'cls+bg'):
-            cls_tkn_idx = _check_index('cls_tkn_idx', cls_tkn_idx, rep_tkn_type)
-        else:
-            _check(cls_tkn_idx is None, 'cls_tkn_idx', cls_tkn_idx, "None unless rep_tkn_type is 'cls' or 'cls+bg'")
-        if rep_tkn_type == 'cls+bg':
-            bg_tkn_idx = _check_index('bg_tkn_idx', bg_tkn_idx, rep_tkn_type)
-            _check(bg_tkn_idx != cls_tkn_idx, 'bg_tkn_idx', bg_tkn_idx,
-                   f'an index other than cls_tkn_idx={cls_tkn_idx}')
-        else:
-            _check(bg_tkn_idx is None, 'bg_tkn_idx', bg_tkn_idx, "None unless rep_tkn_type='cls+bg'")
-        if bs_ratio is not None:
-            bs_ratio = _check_ratio('bs_ratio', bs_ratio)
-        _check(isinstance(across_gpus, bool), 'across_gpus', across_gpus, 'True or False')
-
+        require(isinstance(num_heads, int) and num_heads > 0 and dim % num_heads == 0, 'num_heads', num_heads,
+                f'a positive divisor of dim={dim}')
         self.dim, self.num_heads = dim, num_heads
         self.qk_scale, self.v_scale = qk_scale, v_scale
         self.attn_drop_layer = attn_drop_layer
         self.is_swin = is_swin
-        self.ista2_method, self.attn_inter_topk = ista2_method, attn_inter_topk
-        self.rep_tkn_type, self.rep_tkn_ratio = rep_tkn_type, rep_tkn_ratio
-        self.cls_tkn_idx, self.bg_tkn_idx = cls_tkn_idx, bg_tkn_idx
-        self.bs_ratio, self.across_gpus = bs_ratio, across_gpus
+        for name, value in validate(options).items():
+            setattr(self, name, value)
         self.random_tkn_idxs = None  # last indices drawn for rep_tkn_type='random'
 
-        norm = RMSNorm if norm_type == 'rmsnorm' else nn.LayerNorm
-        self.q_norm_layer = norm(dim) if qk_norm else nn.Identity()
-        self.k_norm_layer = norm(dim) if qk_norm else nn.Identity()
-        self.v_norm_layer = norm(dim) if v_norm else nn.Identity()
+        norm = RMSNorm if self.norm_type == 'rmsnorm' else nn.LayerNorm
+        self.q_norm_layer = norm(dim) if self.qk_norm else nn.Identity()
+        self.k_norm_layer = norm(dim) if self.qk_norm else nn.Identity()
+        self.v_norm_layer = norm(dim) if self.v_norm else nn.Identity()
 
     def extra_repr(self):
         return (f'dim={self.dim}, num_heads={self.num_heads}, ista2_method={self.ista2_method!r}, '

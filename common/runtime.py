@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -35,15 +37,15 @@ def init_runtime(device=None):
     kind = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if kind.startswith('cuda'):
         if not torch.cuda.is_available():
-            raise ValueError(f'--device {device} was asked for but CUDA is not available; use --device cpu')
+            raise ConfigError(f'--device {device} was asked for but CUDA is not available; use --device cpu')
         if local >= torch.cuda.device_count():
-            raise ValueError(f'LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible')
+            raise ConfigError(f'LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible')
         torch.cuda.set_device(local)
         dev = torch.device('cuda', local)
     elif kind == 'cpu':
         dev = torch.device('cpu')
     else:
-        raise ValueError(f'unknown device {device!r}; valid: cuda, cpu')
+        raise ConfigError(f'unknown device {device!r}; valid: cuda, cpu')
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://',
                                 rank=rank, world_size=world)

@@ -5,12 +5,15 @@ import os
 import yaml
 from yacs.config import CfgNode
 
+from common.errors import ConfigError, ConfigKeyError, MissingPathError
+from common.ista2_options import config_defaults
+
 
 def merge_file(config, path):
     """Merge the yaml file at `path` into `config`, after the files its BASE list names (relative
     to it, recursively). Unknown keys and wrong types raise, naming the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'config file {path!r} does not exist')
+        raise MissingPathError(f'config file {path!r} does not exist')
     with open(path) as f:
         content = yaml.safe_load(f) or {}
     for base in content.get('BASE', ['']):
@@ -20,9 +23,9 @@ def merge_file(config, path):
     try:
         config.merge_from_file(path)
     except KeyError as e:
-        raise KeyError(f'{path}: {e.args[0]}') from None
+        raise ConfigKeyError(f'{path}: {e.args[0]}') from None
     except ValueError as e:
-        raise ValueError(f'{path}: {e}') from None
+        raise ConfigError(f'{path}: {e}') from None
 
 
 def _hint(name, known):
@@ -40,7 +43,7 @@ def check_key(config, dotted, source='override'):
         if name not in node:
             where = '.'.join(parts[:i]) or 'the top level'
             files_only = '; new keys here can only come from a config file' if node.is_new_allowed() else ''
-            raise KeyError(f'{source}: unknown config key {dotted!r}: no {name!r} under {where}'
+            raise ConfigKeyError(f'{source}: unknown config key {dotted!r}: no {name!r} under {where}'
                            + _hint(name, node) + files_only)
         node = node[name]
 
@@ -50,7 +53,7 @@ def check_known(node, where, known):
     code reads only those, so a mistyped one would otherwise be ignored without a word."""
     for name in node:
         if name not in known:
-            raise KeyError(f'unknown config key {where}.{name}{_hint(name, known)}; the keys read there: '
+            raise ConfigKeyError(f'unknown config key {where}.{name}{_hint(name, known)}; the keys read there: '
                            f'{", ".join(sorted(known))}')
 
 
@@ -58,26 +61,67 @@ def merge_overrides(config, opts, source='override'):
     """Apply KEY VALUE pairs after checking every key exists."""
     opts = list(opts or [])
     if len(opts) % 2:
-        raise ValueError(f'{source}: needs KEY VALUE pairs, got {len(opts)} items: {opts}')
+        raise ConfigError(f'{source}: needs KEY VALUE pairs, got {len(opts)} items: {opts}')
     for key in opts[0::2]:
         check_key(config, key, source)
-    config.merge_from_list(opts)
+    try:
+        config.merge_from_list(opts)
+    except ValueError as e:  # yacs: a value of the wrong type
+        raise ConfigError(f'{source}: {e}') from None
 
 
-def ista2_node(token_indices):
-    """MODEL.ISTA2 with the reference's keys and defaults (ISTA2 off). Swin's tree also has
-    CLS_TKN_IDX and BG_TKN_IDX (token_indices=True); CvT derives them from its class token."""
-    node = CfgNode()
-    node.QK_NORM = False
-    node.V_NORM = False
-    node.NORM_TYPE = 'rmsnorm'
-    node.ISTA2_METHOD = None
-    node.ATTN_INTER_TOPK = 0
-    node.REP_TKN_TYPE = None
-    node.REP_TKN_RATIO = None
-    if token_indices:
-        node.CLS_TKN_IDX = None
-        node.BG_TKN_IDX = None
-    node.BS_RATIO = None
-    node.ACROSS_GPUS = False
+_ABSENT = object()
+
+
+def _at(node, dotted):
+    for name in dotted.split('.'):
+        if not isinstance(node, CfgNode) or name not in node:
+            return _ABSENT
+        node = node[name]
     return node
+
+
+def _leaves(node, prefix):
+    for name, value in node.items():
+        if isinstance(value, CfgNode):
+            yield from _leaves(value, f'{prefix}.{name}')
+        else:
+            yield f'{prefix}.{name}', value
+
+
+def unread_leaves(defaults, unread):
+    """(full key, default) for each key that `unread` names; a node stands for each key under it."""
+    for dotted in unread:
+        default = _at(defaults, dotted)
+        if default is _ABSENT:
+            raise KeyError(f'unread-key list names {dotted!r}, which the defaults lack')
+        yield from _leaves(default, dotted) if isinstance(default, CfgNode) else [(dotted, default)]
+
+
+def refuse_unread(config, defaults, unread):
+    """ValueError naming every key of `unread` whose value in `config` differs from `defaults`.
+
+    `unread` maps a dotted key (or node: every key under it, including keys a file added to a node
+    that admits new ones) to what upstream did with it and what this trainer does instead. The
+    trainer never reads these keys; they stay in the tree so that upstream's config files parse, and
+    a file may set them to their defaults, but any other value would be ignored without a word."""
+    problems = []
+    for dotted, reason in unread.items():
+        value, default = _at(config, dotted), _at(defaults, dotted)
+        pairs = [(dotted, value)] if not isinstance(value, CfgNode) else _leaves(value, dotted)
+        for key, leaf in pairs:
+            expected = default if key == dotted else _at(defaults, key)
+            if expected is _ABSENT:
+                problems.append(f'{key} = {leaf!r}: {reason}. Nothing here reads it: remove it')
+            elif leaf != expected:
+                problems.append(f'{key} = {leaf!r}: {reason}. Nothing here reads it: remove it or set it back to '
+                                f'{expected!r}')
+    if problems:
+        raise ConfigError('config keys this trainer does not read are set to values other than their defaults:\n  '
+                         + '\n  '.join(problems))
+
+
+def ista2_node(omit=()):
+    """MODEL.ISTA2: every ISTA2 option (common/ista2_options.py) but those named in `omit`, as an
+    UPPER_CASE key with the option's default (ISTA2 off); the reference's keys and defaults."""
+    return CfgNode(config_defaults(omit))

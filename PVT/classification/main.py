@@ -9,24 +9,18 @@ given on the command line; an explicit flag wins.
 """
 import argparse
 import copy
-import datetime
 import difflib
-import json
 import os
 import sys
-import time
 
-import torch
 from mmengine.config import Config
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer
-from timm.scheduler import create_scheduler
-from torch.nn.parallel import DistributedDataParallel
+from timm.optim import optimizer_kwargs
+from timm.scheduler.scheduler_factory import scheduler_kwargs
 from torchvision import datasets
 
-from common import checkpoint, data, engine
-from common.runtime import init_runtime, seed_all, shutdown
+from common import checkpoint, data, trainer
+from common.errors import ConfigError, ConfigKeyError, report_user_errors, require_config_file
+from common.runtime import shutdown
 
 from pvt_v2 import create_model
 
@@ -38,7 +32,7 @@ def get_args_parser():
     p.add_argument('--batch-size', type=int, default=128, help='per process; evaluation uses 1.5x')
     p.add_argument('--epochs', type=int, default=300)
     # model
-    p.add_argument('--model', default='pvt_small', help='pvt_v2_b0 ... pvt_v2_b5, pvt_v2_b2_li (set by the config)')
+    p.add_argument('--model', default='pvt_v2_b0', help='pvt_v2_b0 ... pvt_v2_b5, pvt_v2_b2_li (set by the config)')
     p.add_argument('--input-size', type=int, default=224)
     p.add_argument('--drop', type=float, default=0.0, help='dropout rate')
     p.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
@@ -93,8 +87,10 @@ def get_args_parser():
     p.add_argument('--start_epoch', type=int, default=0)
     p.add_argument('--eval', action='store_true')
     p.add_argument('--dist-eval', action='store_true', default=False, help='split evaluation across processes')
-    p.add_argument('--shuffle-eval', action='store_true', default=False,
-                   help='evaluate in one random order fixed by --seed instead of class order (not upstream)')
+    p.add_argument('--eval-protocol', default='class-order', choices=list(trainer.PROTOCOLS),
+                   help='validation order and batch: class order (upstream), one order shuffled with --seed, or one '
+                        'image per batch (not upstream)')
+    p.add_argument('--shuffle-eval', action='store_true', default=False, help='the same as --eval-protocol shuffled')
     p.add_argument('--num_workers', type=int, default=10)
     p.add_argument('--pin-mem', action='store_true')
     p.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
@@ -126,28 +122,27 @@ def config_value(action, key, value, path):
         ok = ok and not (kind in (int, float) and isinstance(value, bool))
         expected = kind.__name__
     if not ok:
-        raise TypeError(f'{path}: {key}={value!r} has type {type(value).__name__}; expected {expected}')
+        raise ConfigError(f'{path}: {key}={value!r} has type {type(value).__name__}; expected {expected}')
     return list(value) if action.nargs == '+' else (float(value) if kind is float else value)
 
 
 def apply_config(args, parser, argv):
     """Copy the config's cfg dict onto args, except keys whose flag was given explicitly."""
-    if not os.path.isfile(args.config):
-        raise FileNotFoundError(f'config file {args.config!r} does not exist')
+    require_config_file(args.config, 'configs', '.py')
     given = explicit_dests(parser, argv)
     actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
     args.ista2_args = {}
     for section, values in Config.fromfile(args.config).to_dict().items():
         if not isinstance(values, dict):
-            raise TypeError(f'{args.config}: top-level {section!r} must be a dict, as in cfg = dict(model=...)')
+            raise ConfigError(f'{args.config}: top-level {section!r} must be a dict, as in cfg = dict(model=...)')
         for key, value in values.items():
             if key == 'ista2_args':
                 if not isinstance(value, dict):
-                    raise TypeError(f'{args.config}: ista2_args must be a dict of ISTA2 options, got {value!r}')
+                    raise ConfigError(f'{args.config}: ista2_args must be a dict of ISTA2 options, got {value!r}')
                 args.ista2_args = dict(value)
             elif key not in actions:
                 hint = difflib.get_close_matches(key, list(actions) + ['ista2_args'], n=1)
-                raise KeyError(f'{args.config}: unknown config key {key!r}'
+                raise ConfigKeyError(f'{args.config}: unknown config key {key!r}'
                                + (f' (did you mean {hint[0]!r}?)' if hint else '')
                                + '; valid keys are the dest names of the command-line flags and ista2_args')
             elif key in given:
@@ -161,145 +156,72 @@ def apply_config(args, parser, argv):
 def check_unused(args):
     """Flags upstream accepts that would have no effect here are errors, not silently ignored."""
     if args.dist_url != 'env://':
-        raise ValueError(f'--dist_url {args.dist_url}: only env:// is supported; launch with torchrun')
+        raise ConfigError(f'--dist_url {args.dist_url}: only env:// is supported; launch with torchrun')
     world = int(os.environ.get('WORLD_SIZE', 1))
     if args.world_size not in (1, world):
-        raise ValueError(f'--world_size {args.world_size}, but WORLD_SIZE is {world}: the number of processes comes '
+        raise ConfigError(f'--world_size {args.world_size}, but WORLD_SIZE is {world}: the number of processes comes '
                          f'from torchrun --nproc_per_node (and --nnodes), so drop --world_size')
     if args.resplit:
-        raise ValueError('--resplit only acts with augmentation splits, which neither upstream nor this trainer '
+        raise ConfigError('--resplit only acts with augmentation splits, which neither upstream nor this trainer '
                          'uses; drop it')
 
 
 def build_datasets(args):
     if args.use_mcloader:
-        raise ValueError('--use-mcloader (memcached ImageNet) is not supported; use an image folder')
+        raise ConfigError('--use-mcloader (memcached ImageNet) is not supported; use an image folder')
     if args.data_set == 'IMNET':
         train_set, val_set = data.image_folders(args.data_path)
-        num_classes = len(train_set.classes)
     elif args.data_set == 'CIFAR':
         train_set, val_set = (datasets.CIFAR100(args.data_path, train=t, download=False) for t in (True, False))
-        num_classes = 100
     else:
-        raise ValueError(f'--data-set {args.data_set} is not supported; valid: IMNET (any image folder), CIFAR')
+        raise ConfigError(f'--data-set {args.data_set} is not supported; valid: IMNET (any image folder), CIFAR')
     train_set.transform = data.train_transform(
         args.input_size, args.color_jitter, args.aa, args.train_interpolation, args.reprob, args.remode, args.recount)
     val_set.transform = data.eval_transform(args.input_size)
-    return train_set, val_set, num_classes
+    return train_set, val_set
+
+
+# the names of the trainer settings on this command line, for messages
+NAMES = {'epochs': '--epochs', 'warmup_epochs': '--warmup-epochs', 'batch_size': '--batch-size',
+         'eval_batch_size': '--batch-size (x1.5 for evaluation)', 'workers': '--num_workers',
+         'start_epoch': '--start_epoch', 'lr': '--lr', 'weight_decay': '--weight-decay', 'clip_grad': '--clip-grad',
+         'smoothing': '--smoothing', 'resume': '--resume', 'evaluate': '--eval', 'folder': 'an --output_dir',
+         'protocol': '--eval-protocol'}
 
 
 def main(args):
-    runtime = init_runtime(args.device)
-    device = runtime.device
-
-    def echo(*a):
-        if runtime.is_main:
-            print(*a, flush=True)
-
-    seed_all(args.seed, runtime.rank)
-    torch.backends.cudnn.benchmark = True
-
-    train_set, val_set, num_classes = build_datasets(args)
-    pin = args.pin_mem and device.type == 'cuda'
-    train_sampler = data.train_sampler(train_set, runtime, 'repeated' if args.repeated_aug else 'distributed',
-                                         args.seed)
-    train_loader = data.loader(train_set, train_sampler, args.batch_size, args.num_workers, pin, True)
-    val_sampler = data.eval_sampler(val_set, runtime, args.dist_eval, shuffle=args.shuffle_eval, seed=args.seed)
-    val_loader = data.loader(val_set, val_sampler, int(1.5 * args.batch_size), args.num_workers, pin, False)
-
-    mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=num_classes)
-
-    echo(f'Creating model: {args.model}')
+    """Train, or evaluate with --eval; returns the run's result (see common.trainer)."""
+    session = trainer.setup(args.seed, args.device, output=args.output_dir or None, output_option='--output_dir')
+    train_set, val_set = build_datasets(args)
+    num_classes = len(train_set.classes)
+    session.log(f'Creating model: {args.model}')
     model = create_model(args.model, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                          ista2_args=args.ista2_args)
     if args.finetune:
-        load_finetune_weights(model, args.finetune, echo)
-    model.to(device)
-    model_without_ddp = model
-    if runtime.distributed:
-        model = DistributedDataParallel(model, device_ids=[runtime.local_rank] if device.type == 'cuda' else None)
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    echo(f'number of params: {n_parameters}')
-
-    scale = args.batch_size * runtime.world_size / 512.0
+        load_finetune_weights(model, args.finetune, session.log)
+    scale = args.batch_size * session.runtime.world_size / 512.0  # lr, warmup-lr and min-lr are for a batch of 512
     args.lr, args.warmup_lr, args.min_lr = args.lr * scale, args.warmup_lr * scale, args.min_lr * scale
-    optimizer = create_optimizer(args, model_without_ddp)
-    lr_scheduler, _ = create_scheduler(args, optimizer)
-    scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda')
-    if mixup_fn is not None:
-        criterion = SoftTargetCrossEntropy()
-    elif args.smoothing:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
-
-    output_dir = args.output_dir
-    resume = args.resume
-    if not resume and output_dir and os.path.isfile(os.path.join(output_dir, 'checkpoint.pth')):
-        resume = os.path.join(output_dir, 'checkpoint.pth')
-        echo(f'Found {resume}: resuming from it')
-    max_accuracy, resumed = 0.0, False
-    if resume:
-        ckpt = checkpoint.load(resume)
-        state = checkpoint.model_state(ckpt, keys=('model',))
-        bare = state is ckpt  # a released state_dict: the new ISTA2 norms may be missing
-        missing = checkpoint.load_weights(model_without_ddp, state, source=resume,
-                                          allowed_missing=('.ista2.',) if bare else ())
-        if missing:
-            echo(f'{resume} has no values for {len(missing)} ISTA2 keys, left at their initial values: {missing}')
-        if not args.eval and not bare and all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
-            optimizer.load_state_dict(ckpt['optimizer'])
-            lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-            if ckpt.get('scaler'):
-                scaler.load_state_dict(ckpt['scaler'])
-            args.start_epoch = ckpt['epoch'] + 1
-            max_accuracy = ckpt.get('max_accuracy', 0.0)
-            resumed = True
-            echo(f'Resumed from {resume} at epoch {args.start_epoch}')
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode)
+    out = args.output_dir or None
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    recipe = trainer.Recipe(
+        train_set, val_set, names=NAMES, seed=args.seed, batch_size=args.batch_size,
+        eval_batch_size=int(1.5 * args.batch_size), workers=args.num_workers, pin_memory=args.pin_mem,
+        train_sampler='repeated' if args.repeated_aug else 'distributed', eval_sharded=args.dist_eval,
+        protocol=trainer.resolve_protocol(args.eval_protocol, '--eval-protocol', args.shuffle_eval, '--shuffle-eval'),
+        epochs=args.epochs, start_epoch=args.start_epoch,
+        optimizer=optimizer_kwargs(args), param_groups=lambda m: m,  # timm's split: no decay on 1-D and biases
+        scheduler=scheduler_kwargs(args), scheduler_lag=1,  # stepped after each epoch with its own index (DeiT)
+        mixup=mixup, smoothing=args.smoothing, clip_grad=args.clip_grad,
+        fp32_epochs_after_resume=2 if args.fp32_resume else 0,
+        checkpoints=trainer.Checkpoints(out, extra={'args': plain_args(args)}, resume=args.resume),
+        epoch_logs=[trainer.JsonLines(os.path.join(out, 'log.txt'), n_parameters=n_parameters)] if out else [])
     if args.eval:
-        if not resume:
-            raise ValueError('--eval needs a checkpoint: --resume PATH, or an --output_dir holding checkpoint.pth')
-        stats = engine.evaluate(model, val_loader, device, sharded=args.dist_eval, echo=echo)
-        echo(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")
-        echo(f"Accuracy of the network on the {stats['images']} test images: {stats['acc1']:.1f}%")
-        return stats
-    if args.start_epoch >= args.epochs:
-        echo(f'Nothing to train: the checkpoint has finished epoch {args.start_epoch - 1} of {args.epochs}')
-        return None
-
-    echo(f'Start training for {args.epochs} epochs')
-    start_time = time.time()
-    fp32_until = args.start_epoch + 2 if args.fp32_resume and resumed else -1
-    for epoch in range(args.start_epoch, args.epochs):
-        data.start_epoch(train_sampler, epoch, args.seed, runtime.rank)
-        amp = epoch >= fp32_until
-        train_stats = engine.train_one_epoch(
-            model, criterion, train_loader, optimizer, scaler if amp else torch.amp.GradScaler(enabled=False),
-            device, epoch, amp=amp, clip_grad=args.clip_grad, mixup_fn=mixup_fn, echo=echo)
-        lr_scheduler.step(epoch)  # as upstream, after the epoch with the finished epoch's index
-        test_stats = engine.evaluate(model, val_loader, device, amp=amp, sharded=args.dist_eval, echo=echo)
-        echo(f"Accuracy of the network on the {test_stats['images']} test images: {test_stats['acc1']:.1f}%")
-        improved = test_stats['acc1'] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats['acc1'])
-        echo(f'Max accuracy: {max_accuracy:.2f}%')
-        if output_dir and runtime.is_main:
-            path = os.path.join(output_dir, 'checkpoint.pth')
-            checkpoint.save_atomic({
-                'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'scaler': scaler.state_dict(),
-                'args': plain_args(args), 'max_accuracy': max_accuracy}, path)
-            if improved:
-                checkpoint.copy_atomic(path, os.path.join(output_dir, 'model_best.pth'))
-            log = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()
-                   if k != 'images'}, 'epoch': epoch, 'n_parameters': n_parameters}
-            with open(os.path.join(output_dir, 'log.txt'), 'a') as f:
-                f.write(json.dumps(log) + '\n')
-    echo(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
-    return test_stats
+        return trainer.evaluate(session, model, recipe)
+    return trainer.train(session, model, recipe)
 
 
 def load_finetune_weights(model, path, echo):
@@ -320,16 +242,16 @@ def plain_args(args):
 
 
 def cli(argv=None):
+    """The command line: parse, apply the --config file, run; returns the run's result."""
     parser = get_args_parser()
     argv = argv if argv is not None else sys.argv[1:]
     args = parser.parse_args(argv)
     apply_config(args, parser, argv)
     check_unused(args)
-    if args.output_dir:
-        checkpoint.prepare_output(args.output_dir, '--output_dir')
-    main(args)
+    result = main(args)
     shutdown()
+    return result
 
 
 if __name__ == '__main__':
-    cli()
+    report_user_errors(cli)

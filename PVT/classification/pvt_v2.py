@@ -11,6 +11,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
+from common.errors import ConfigError
 from common.init import trunc_normal_linear
 from common.ista2 import ISTA2
 
@@ -184,7 +185,7 @@ VARIANTS = {
 def create_model(name, **kwargs):
     """Build a PVTv2 variant by name (see VARIANTS); kwargs go to PyramidVisionTransformerV2."""
     if name not in VARIANTS:
-        raise ValueError(f'unknown PVTv2 model {name!r}; valid: {", ".join(VARIANTS)}')
+        raise ConfigError(f'unknown PVTv2 model {name!r}; valid: {", ".join(VARIANTS)}')
     spec = dict(num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), qkv_bias=True, sr_ratios=(8, 4, 2, 1),
                 norm_layer=partial(nn.LayerNorm, eps=1e-6))
     return PyramidVisionTransformerV2(**{**spec, **VARIANTS[name], **kwargs})

@@ -7,7 +7,7 @@ import os
 
 from yacs.config import CfgNode as CN
 
-from common.yacs_files import ista2_node, merge_file, merge_overrides
+from common.yacs_files import ista2_node, merge_file, merge_overrides, refuse_unread
 
 _C = CN()
 _C.BASE = ['']
@@ -35,7 +35,13 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
 
-_C.MODEL.ISTA2 = ista2_node(token_indices=True)  # REP_TKN_RATIO, with 'random': one ratio per stage
+
+def ista2_defaults():
+    """MODEL.ISTA2, from the ISTA2 option schema: every option (REP_TKN_RATIO, with 'random': one ratio per stage)."""
+    return ista2_node()
+
+
+_C.MODEL.ISTA2 = ista2_defaults()
 
 
 def _backbone(qkv_bias=True, qk_scale=True):
@@ -131,7 +137,8 @@ _C.AUG.MIXUP_MODE = 'batch'
 _C.TEST = CN()
 _C.TEST.CROP = True
 _C.TEST.SEQUENTIAL = False
-_C.TEST.SHUFFLE = False
+_C.TEST.SHUFFLE = False  # upstream's switch; True is the same as TEST.PROTOCOL shuffled
+_C.TEST.PROTOCOL = 'class-order'  # added: class-order, shuffled or batch-1 (common/trainer.py)
 
 _C.ENABLE_AMP = False
 _C.AMP_ENABLE = True
@@ -147,12 +154,31 @@ _C.LOCAL_RANK = 0
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
 
+# Keys of upstream's tree that nothing here reads: a file or --opts may set them only to their
+# defaults (refuse_unread). Key or node -> what upstream did with it, and what happens here.
+_ONLY_SWIN = 'only MODEL.TYPE swin is built here'
+UNREAD = {
+    'DATA.CACHE_MODE': 'upstream: how zipped ImageNet (--zip) was cached in memory; zip mode is not supported here',
+    'DATA.MASK_PATCH_SIZE': 'upstream: the mask patch size of SimMIM pre-training, which is not supported here',
+    'DATA.MASK_RATIO': 'upstream: the masked fraction of SimMIM pre-training, which is not supported here',
+    'MODEL.SWINV2': f'upstream: the Swin V2 model (MODEL.TYPE swinv2); {_ONLY_SWIN}',
+    'MODEL.SWIN_MOE': f'upstream: the Swin mixture-of-experts model (MODEL.TYPE swin_moe); {_ONLY_SWIN}',
+    'MODEL.SWIN_MLP': f'upstream: the Swin MLP model (MODEL.TYPE swin_mlp); {_ONLY_SWIN}',
+    'MODEL.SIMMIM': 'upstream: target normalisation in SimMIM pre-training, which is not supported here',
+    'TRAIN.MOE.SAVE_MASTER': f'upstream: how the Swin mixture-of-experts trainer saved experts; {_ONLY_SWIN}',
+    'AMP_OPT_LEVEL': 'upstream: the Apex AMP level, which only printed that Apex is deprecated; AMP_ENABLE (or '
+                     '--disable_amp) chooses mixed precision',
+    'LOCAL_RANK': "upstream: the process's GPU, which the launcher sets (LOCAL_RANK, --local_rank) over any config "
+                  'value, as here',
+}
+
 
 def load_config(path, opts=()):
     """Defaults merged with the yaml file at `path` and the KEY VALUE list `opts` (not frozen)."""
     config = _C.clone()
     merge_file(config, path)
     merge_overrides(config, opts, '--opts')
+    refuse_unread(config, _C, UNREAD)
     return config
 
 

@@ -3,13 +3,14 @@
     bash run.sh -g N -t test -p 13000 --cfg CFG TEST.MODEL_FILE ckpt.pth DATASET.ROOT /path/to/imagenet
 
 TEST.MODEL_FILE (default: the run folder's model_best.pth) may be a bare state_dict or a training
-checkpoint.pth; it must fit the config's model exactly.
+checkpoint.pth; it must fit the config's model exactly. TEST.PROTOCOL picks the evaluation protocol.
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import checkpoint, engine  # noqa: E402
+from common import trainer  # noqa: E402
+from common.errors import ConfigError, report_user_errors  # noqa: E402
 from common.runtime import shutdown  # noqa: E402
 
 from lib import runner  # noqa: E402
@@ -17,29 +18,14 @@ from lib.models import build_model  # noqa: E402
 
 
 def main():
-    args = runner.parse_args('Test a CvT classification network')
-    runtime, config, out, logger = runner.setup(args, 'test')
-    _, val_set = runner.datasets(config)
-    config.defrost()
-    config.MODEL.NUM_CLASSES = len(val_set.classes)
-    config.freeze()
-    model = build_model(config)
-    model_file = config.TEST.MODEL_FILE or os.path.join(out, 'model_best.pth')
-    if not model_file.endswith('.pth'):
-        raise ValueError(f'TEST.MODEL_FILE {model_file!r} must be a .pth file')
-    state = checkpoint.model_state(checkpoint.load(model_file), keys=('state_dict',))
-    missing = checkpoint.load_weights(model, state, source=model_file, allowed_missing=('bg_token',))
-    if missing:
-        logger.warning(f'=> {model_file} has no {missing}: a checkpoint of the reference implementation, whose '
-                       f'background token was random and unsaved; using this model\'s fixed, seeded one instead')
-    logger.info(f'=> loaded {model_file}')
-    model.to(runtime.device)
-    stats = engine.evaluate(model, runner.val_loader(config, runtime, val_set), runtime.device, amp=False,
-                            sharded=runtime.distributed, print_freq=config.PRINT_FREQ, echo=logger.info)
-    runner.log_test(logger, stats)
-    logger.info(f"=> evaluated {stats['images']} images")
+    config, session = runner.setup(runner.parse_args('Test a CvT classification network'), 'test')
+    if config.TEST.MODEL_FILE and not config.TEST.MODEL_FILE.endswith('.pth'):
+        raise ConfigError(f'TEST.MODEL_FILE {config.TEST.MODEL_FILE!r} must be a .pth file')
+    train_set, val_set = runner.datasets(config)
+    result = trainer.evaluate(session, build_model(config), runner.recipe(config, session, train_set, val_set, 'test'))
     shutdown()
+    return result
 
 
 if __name__ == '__main__':
-    main()
+    report_user_errors(main)

@@ -10,7 +10,8 @@ import os
 
 from yacs.config import CfgNode as CN
 
-from common.yacs_files import check_known, ista2_node, merge_file, merge_overrides
+from common.errors import ConfigError
+from common.yacs_files import check_known, ista2_node, merge_file, merge_overrides, refuse_unread
 
 _C = CN()
 _C.BASE = ['']
@@ -44,7 +45,14 @@ _C.MODEL.PRETRAINED_LAYERS = ['*']
 _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.SPEC = CN(new_allowed=True)
 
-_C.MODEL.ISTA2 = ista2_node(token_indices=False)
+
+def ista2_defaults():
+    """MODEL.ISTA2, from the ISTA2 option schema: every option but the token indices, which the model derives from
+    the class token."""
+    return ista2_node(omit=('cls_tkn_idx', 'bg_tkn_idx'))
+
+
+_C.MODEL.ISTA2 = ista2_defaults()
 
 _C.LOSS = CN(new_allowed=True)
 _C.LOSS.LABEL_SMOOTHING = 0.0
@@ -119,7 +127,8 @@ _C.TEST.INTERPOLATION = 2
 _C.TEST.MODEL_FILE = ''
 _C.TEST.REAL_LABELS = False
 _C.TEST.VALID_LABELS = ''
-_C.TEST.SHUFFLE = False  # added: evaluate in one seeded random order instead of class order
+_C.TEST.SHUFFLE = False  # added: the same as TEST.PROTOCOL shuffled
+_C.TEST.PROTOCOL = 'class-order'  # added: class-order, shuffled or batch-1 (common/trainer.py)
 
 _C.FINETUNE = CN()
 _C.FINETUNE.FINETUNE = False
@@ -142,6 +151,49 @@ _C.DEBUG.DEBUG = False
 
 config = _C
 
+# Keys of upstream's tree that nothing here reads: a file or override may set them only to their
+# defaults (refuse_unread). Key or node -> what upstream did with it, and what happens here.
+_UNUSED = 'upstream never read it either'
+_TV_AUG = ('upstream: its torchvision training transforms, used only with timm augmentation off; this trainer always '
+           "uses timm's (AUG.TIMM_AUG)")
+UNREAD = {
+    'DATA_DIR': f'{_UNUSED}; images come from DATASET.ROOT',
+    'DIST_BACKEND': f'{_UNUSED}; processes talk over NCCL on GPUs and gloo on CPUs',
+    'GPUS': f'{_UNUSED}; run.sh -g (torchrun) sets the number of processes',
+    'MULTIPROCESSING_DISTRIBUTED': f'{_UNUSED}; torchrun starts one process per GPU',
+    'RANK': "upstream: the process's rank, which the launcher sets over any config value, as here",
+    'VERBOSE': "upstream: printing each parameter's weight-decay choice and the pretrained layers loaded; the log "
+               'here is fixed',
+    'MODEL_SUMMARY': 'upstream: tensorwatch model statistics in the log, which are not supported here',
+    'AMP.MEMORY_FORMAT': "upstream: 'nhwc' put the model in channels_last memory under AMP; not supported here",
+    'DATASET.DATA_FORMAT': "upstream: 'tsv' enabled ImageNet-ReaL labels in testing; image folders are read here, "
+                           'whatever the image files are',
+    'DATASET.LABELMAP': _UNUSED,
+    'DATASET.TRAIN_TSV_LIST': f'{_UNUSED}; tsv datasets are not supported',
+    'DATASET.TEST_TSV_LIST': f'{_UNUSED}; tsv datasets are not supported',
+    'DATASET.TARGET_SIZE': _UNUSED,
+    'AUG.COLOR_JITTER': f'{_TV_AUG}; AUG.TIMM_AUG.COLOR_JITTER is read instead',
+    'AUG.GRAY_SCALE': _TV_AUG,
+    'AUG.GAUSSIAN_BLUR': _TV_AUG,
+    'AUG.INTERPOLATION': f'{_TV_AUG}; AUG.TIMM_AUG.INTERPOLATION is read instead',
+    'AUG.DROPBLOCK_LAYERS': f'{_UNUSED}; there is no DropBlock',
+    'AUG.DROPBLOCK_KEEP_PROB': f'{_UNUSED}; there is no DropBlock',
+    'AUG.DROPBLOCK_BLOCK_SIZE': f'{_UNUSED}; there is no DropBlock',
+    'AUG.MIXCUT_AND_MIXUP': f'{_UNUSED}; AUG.MIXUP_SWITCH_PROB chooses between mixup and cutmix',
+    'TRAIN.GAMMA1': f'{_UNUSED} (meant for Adam, never passed to it)',
+    'TRAIN.GAMMA2': f'{_UNUSED} (meant for Adam, never passed to it)',
+    'TRAIN.SHUFFLE': 'training data are always shuffled, as upstream, which never read the key',
+    'FINETUNE.FINETUNE': f'{_TV_AUG} (a resize and random crop for fine-tuning)',
+    'FINETUNE.USE_TRAIN_AUG': f'{_TV_AUG} (a resize and random crop for fine-tuning)',
+    'FINETUNE.BASE_LR': f'{_UNUSED}; fine-tune with MODEL.PRETRAINED and the TRAIN keys',
+    'FINETUNE.BATCH_SIZE': f'{_UNUSED}; fine-tune with MODEL.PRETRAINED and the TRAIN keys',
+    'FINETUNE.EVAL_EVERY': f'{_UNUSED}; fine-tune with MODEL.PRETRAINED and the TRAIN keys',
+    'FINETUNE.TRAIN_MODE': f'{_UNUSED}; fine-tune with MODEL.PRETRAINED and the TRAIN keys',
+    'FINETUNE.FROZEN_LAYERS': f'{_UNUSED}; fine-tune with MODEL.PRETRAINED and the TRAIN keys',
+    'FINETUNE.LR_SCHEDULER': f'{_UNUSED}; fine-tune with MODEL.PRETRAINED and the TRAIN keys',
+    'DEBUG.DEBUG': _UNUSED,
+}
+
 # What the trainer reads under the nodes that admit new keys
 TIMM_AUG_KEYS = ('USE_LOADER', 'USE_TRANSFORM', 'COLOR_JITTER', 'AUTO_AUGMENT', 'INTERPOLATION', 'RE_PROB', 'RE_MODE',
                  'RE_COUNT', 'RE_SPLIT', 'HFLIP', 'VFLIP')
@@ -157,10 +209,10 @@ def check_open_nodes(cfg):
     """Refuse unread keys and unsupported values under LOSS, AUG.TIMM_AUG and TRAIN.LR_SCHEDULER."""
     check_known(cfg.LOSS, 'LOSS', ('LABEL_SMOOTHING', 'LOSS'))
     if cfg.LOSS.LOSS != 'softmax':
-        raise ValueError(f'LOSS.LOSS {cfg.LOSS.LOSS!r} is not supported; valid: softmax (cross-entropy)')
+        raise ConfigError(f'LOSS.LOSS {cfg.LOSS.LOSS!r} is not supported; valid: softmax (cross-entropy)')
     check_known(cfg.AUG.TIMM_AUG, 'AUG.TIMM_AUG', TIMM_AUG_KEYS)
     if cfg.AUG.TIMM_AUG.get('RE_SPLIT'):
-        raise ValueError('AUG.TIMM_AUG.RE_SPLIT true is not supported (it only acts with augmentation splits, '
+        raise ConfigError('AUG.TIMM_AUG.RE_SPLIT true is not supported (it only acts with augmentation splits, '
                          'which neither upstream nor this trainer uses); set it to false')
     if cfg.TRAIN.LR_SCHEDULER.get('METHOD') == 'timm':  # other methods are refused by tools/train.py
         check_known(cfg.TRAIN.LR_SCHEDULER, 'TRAIN.LR_SCHEDULER', ('METHOD', 'ARGS'))
@@ -172,6 +224,7 @@ def update_config(cfg, args, world_size=1, rank=0):
     merge_file(cfg, args.cfg)
     merge_overrides(cfg, args.opts, 'override')
     check_open_nodes(cfg)
+    refuse_unread(cfg, _C, UNREAD)
     if cfg.TRAIN.SCALE_LR:
         cfg.TRAIN.LR *= world_size
     cfg.NAME = os.path.splitext(os.path.basename(args.cfg))[0] + cfg.NAME

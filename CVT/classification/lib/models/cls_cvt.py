@@ -12,8 +12,10 @@ import torch
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from common.errors import ConfigError
 from common.init import trunc_normal_linear
 from common.ista2 import ISTA2
+from common.ista2_options import stage_options
 from common.yacs_files import check_known
 
 BG_TOKEN_SEED = 0
@@ -55,7 +57,7 @@ def conv_projection(dim, kernel_size, padding, stride, method):
             ('avg', nn.AvgPool2d(kernel_size, stride, padding, ceil_mode=True)), ('rearrage', nn.Flatten(2))]))
     if method == 'linear':
         return None
-    raise ValueError(f'unknown QKV_PROJ_METHOD {method!r}; valid: dw_bn, avg, linear')
+    raise ConfigError(f'unknown QKV_PROJ_METHOD {method!r}; valid: dw_bn, avg, linear')
 
 
 class Attention(nn.Module):
@@ -174,13 +176,14 @@ class VisionTransformer(nn.Module):
         return x[:, -H * W:].transpose(1, 2).reshape(B, C, H, W), cls
 
 
-def stage_ista2_args(ista2, with_cls_token):
-    """MODEL.ISTA2 -> ISTA2 keywords for one stage, and whether the stage carries a background token.
+def stage_ista2_args(options, with_cls_token):
+    """One stage's ISTA2 keywords (from `stage_options`) -> the same with the token indices set, and whether the
+    stage carries a background token.
 
     'cls' / 'cls+bg' need the stage's class token (at index 0, after the background token at
     index 0 for 'cls+bg'); a stage without one falls back to 'mean'.
     """
-    kind = ista2.REP_TKN_TYPE
+    kind = options['rep_tkn_type']
     cls_idx = bg_idx = None
     if kind in ('cls', 'cls+bg'):
         if not with_cls_token:
@@ -189,11 +192,7 @@ def stage_ista2_args(ista2, with_cls_token):
             cls_idx = 0
         else:
             bg_idx, cls_idx = 0, 1
-    args = dict(qk_norm=ista2.QK_NORM, v_norm=ista2.V_NORM, norm_type=ista2.NORM_TYPE,
-                ista2_method=ista2.ISTA2_METHOD, attn_inter_topk=ista2.ATTN_INTER_TOPK, rep_tkn_type=kind,
-                rep_tkn_ratio=ista2.REP_TKN_RATIO, cls_tkn_idx=cls_idx, bg_tkn_idx=bg_idx, bs_ratio=ista2.BS_RATIO,
-                across_gpus=ista2.ACROSS_GPUS)
-    return args, bg_idx is not None
+    return dict(options, rep_tkn_type=kind, cls_tkn_idx=cls_idx, bg_tkn_idx=bg_idx), bg_idx is not None
 
 
 # MODEL.SPEC: the per-stage lists the model reads, and its other keys
@@ -210,17 +209,17 @@ def check_spec(spec):
     check_known(spec, 'MODEL.SPEC', SPEC_KEYS)
     missing = [key for key in ('NUM_STAGES', *STAGE_KEYS) if key not in spec]
     if missing:
-        raise ValueError(f'MODEL.SPEC lacks {", ".join(missing)}')
+        raise ConfigError(f'MODEL.SPEC lacks {", ".join(missing)}')
     stages = spec['NUM_STAGES']
     for key in (*STAGE_KEYS, 'POS_EMBED'):
         values = spec.get(key, [False] * stages)
         if not isinstance(values, (list, tuple)) or len(values) != stages:
-            raise ValueError(f'MODEL.SPEC.{key}={values!r}: give one value per stage (NUM_STAGES={stages})')
+            raise ConfigError(f'MODEL.SPEC.{key}={values!r}: give one value per stage (NUM_STAGES={stages})')
     if any(spec.get('POS_EMBED', ())):
-        raise ValueError(f'MODEL.SPEC.POS_EMBED={spec["POS_EMBED"]!r}: CvT has no position embedding (upstream ignores '
-                         f'the key); set it to false for every stage')
+        raise ConfigError(f'MODEL.SPEC.POS_EMBED={spec["POS_EMBED"]!r}: CvT has no position embedding (upstream '
+                          f'ignores the key); set it to false for every stage')
     if spec.get('INIT', 'trunc_norm') not in INITS:
-        raise ValueError(f'MODEL.SPEC.INIT={spec["INIT"]!r}; valid: {", ".join(INITS)}')
+        raise ConfigError(f'MODEL.SPEC.INIT={spec["INIT"]!r}; valid: {", ".join(INITS)}')
 
 
 class ConvolutionalVisionTransformer(nn.Module):
@@ -231,8 +230,8 @@ class ConvolutionalVisionTransformer(nn.Module):
         super().__init__()
         check_spec(spec)
         self.num_classes, self.num_stages = num_classes, spec['NUM_STAGES']
-        for i in range(self.num_stages):
-            ista2_args, with_bg = stage_ista2_args(ista2, spec['CLS_TOKEN'][i])
+        for i, options in enumerate(stage_options(ista2, self.num_stages)):
+            ista2_args, with_bg = stage_ista2_args(options, spec['CLS_TOKEN'][i])
             stage = VisionTransformer(
                 patch_size=spec['PATCH_SIZE'][i], patch_stride=spec['PATCH_STRIDE'][i],
                 patch_padding=spec['PATCH_PADDING'][i], in_chans=in_chans, embed_dim=spec['DIM_EMBED'][i],
