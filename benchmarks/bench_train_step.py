@@ -13,17 +13,24 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from common.backbones import BACKBONES, config_name  # noqa: E402
 from common.runtime import tune_cpu  # noqa: E402
 
 from measure import compare, report, time_step  # noqa: E402
-from paper_models import PAIRS, build  # noqa: E402
+
+# config name -> (backbone, config file) for the paper's models; baseline name -> ISTA2 name
+CONFIGS = {config_name(config): (backbone, config) for backbone, entry in BACKBONES.items()
+           for pair in entry.paper.values() for config in pair}
+PAIRS = {config_name(baseline): config_name(ista2) for entry in BACKBONES.values()
+         for baseline, ista2 in entry.paper.values()}
 
 
 def worker(name, batch, size, repeats):
     tune_cpu()  # as the trainers do, before any parallel op
     torch.manual_seed(0)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    model = build(name).to(device).train()
+    backbone, config = CONFIGS[name]
+    model = BACKBONES[backbone].build(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)

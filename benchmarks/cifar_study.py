@@ -3,110 +3,40 @@
     python benchmarks/cifar_study.py --data /tmp/cifar10 [--backbones pvt swin cvt] [--seeds 0 1]
         [--epochs N] [--nproc 1] [--workdir /tmp/ista2-study]
 
-For each backbone, its baseline/ISTA2 config pair under configs/cifar10 (experiments/cifar10 for
-CvT) is trained through the backbone's real launcher, once per seed, and every trained model is
-evaluated under three protocols: (a) the reference one, validation images in class order with the
-trainer's evaluation batch; (b) the same images shuffled once with a fixed seed; (c) batch size 1,
-where ISTA2 has no other image to align with. Prints top-1 (mean and spread over seeds).
+For each backbone, its baseline/ISTA2 CIFAR-10 config pair (common/backbones.py) is trained through
+the backbone's real launcher (common/launch.py), once per seed, and every trained model is
+evaluated under each of the trainers' protocols (common/trainer.py PROTOCOLS): the reference one,
+validation images in class order with the trainer's evaluation batch; the same images in one
+shuffled order (seed 0); batch size 1, where ISTA2 has no other image to align with. Prints top-1
+(mean and spread over seeds) from the runs' structured results.
 """
 import argparse
 import os
-import re
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROTOCOLS = ('class order', 'shuffled', 'batch 1')
+from common import launch
+from common.backbones import BACKBONES, config_name
+from common.trainer import PROTOCOLS
+
+CONFIG_WARMUP_EPOCHS = 3  # what every CIFAR-10 config sets; capped below a shorter --epochs
+EVAL_SEED = 0  # fixes the one shuffled order, the same for every model
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return str(s.getsockname()[1])
-
-
-def torchrun(nproc):
-    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port',
-            free_port()]
-
-
-class Pvt:
-    cwd, pair = 'PVT/classification', ('pvt_v2_b0', 'pvt_v2_b0_ista2')
-    pattern = r'\* Acc@1 ([\d.]+)'
-
-    def train(self, name, seed, args, out):
-        extra = ['--epochs', str(args.epochs)] if args.epochs else []
-        extra += ['--batch-size', str(args.batch_size)] if args.batch_size else []
-        return torchrun(args.nproc) + ['main.py', '--config', f'configs/cifar10/{name}.py', '--data-path', args.data,
-                                       '--output_dir', out, '--seed', str(seed), '--num_workers', str(args.workers),
-                                       *extra]
-
-    def evaluate(self, name, protocol, args, out):
-        batch = ['--batch-size', '1'] if protocol == 'batch 1' else (
-            ['--batch-size', str(args.batch_size)] if args.batch_size else [])
-        shuffle = ['--shuffle-eval'] if protocol == 'shuffled' else []
-        return torchrun(1) + ['main.py', '--eval', '--config', f'configs/cifar10/{name}.py', '--resume',
-                              os.path.join(out, 'checkpoint.pth'), '--data-path', args.data, '--num_workers',
-                              str(args.workers), *batch, *shuffle]
-
-
-class Swin:
-    cwd, pair = 'SWIN/classification', ('swin_tiny_patch2_window4_32', 'swin_tiny_ista2_patch2_window4_32')
-    pattern = r' \* Acc@1 ([\d.]+)'
-
-    def opts(self, args, seed):
-        extra = ['TRAIN.EPOCHS', str(args.epochs), 'TRAIN.WARMUP_EPOCHS', str(min(3, args.epochs - 1))] \
-            if args.epochs else []
-        return ['--opts', 'SEED', str(seed), 'DATA.NUM_WORKERS', str(args.workers), *extra]
-
-    def train(self, name, seed, args, out):
-        batch = ['--batch-size', str(args.batch_size)] if args.batch_size else []
-        return torchrun(args.nproc) + ['main.py', '--cfg', f'configs/cifar10/{name}.yaml', '--data-path', args.data,
-                                       '--output', out, *batch, *self.opts(args, seed)]
-
-    def evaluate(self, name, protocol, args, out):
-        batch = '1' if protocol == 'batch 1' else str(args.batch_size or 128)
-        return torchrun(1) + ['main.py', '--eval', '--cfg', f'configs/cifar10/{name}.yaml', '--data-path', args.data,
-                              '--output', out, '--batch-size', batch, '--resume',
-                              os.path.join(out, name, 'default', 'ckpt.pth'), *self.opts(args, 0),
-                              'TEST.SHUFFLE', str(protocol == 'shuffled')]
-
-
-class Cvt:
-    cwd, pair = 'CVT/classification', ('cvt-13-32x32', 'cvt-13-ista2-32x32')
-    pattern = r'Accuracy@1 ([\d.]+)%'
-
-    def common(self, name, args, out, job, gpus):
-        return ['bash', 'run.sh', '-g', str(gpus), '-t', job, '-p', free_port(), '--cfg',
-                f'experiments/cifar10/{name}.yaml', 'DATASET.ROOT', args.data, 'OUTPUT_DIR', out, 'WORKERS',
-                str(args.workers)]
-
-    def train(self, name, seed, args, out):
-        extra = ['TRAIN.END_EPOCH', str(args.epochs)] if args.epochs else []
-        extra += ['TRAIN.BATCH_SIZE_PER_GPU', str(args.batch_size)] if args.batch_size else []
-        return self.common(name, args, out, 'train', args.nproc) + ['SEED', str(seed), *extra]
-
-    def evaluate(self, name, protocol, args, out):
-        batch = '1' if protocol == 'batch 1' else str(args.batch_size or 128)
-        return self.common(name, args, out, 'test', 1) + [
-            'TEST.MODEL_FILE', os.path.join(out, 'imagenet', name, 'final_state.pth'), 'TEST.BATCH_SIZE_PER_GPU',
-            batch, 'TEST.SHUFFLE', str(protocol == 'shuffled')]
-
-
-BACKBONES = {'pvt': Pvt(), 'swin': Swin(), 'cvt': Cvt()}
-
-
-def run(cmd, cwd, log):
-    env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')}
-    with open(log, 'w') as f:
-        proc = subprocess.run(cmd, cwd=os.path.join(ROOT, cwd), env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        sys.exit(f'failed (exit {proc.returncode}): {" ".join(cmd)}\nsee {log}')
-    with open(log) as f:
-        return f.read()
+def train_and_evaluate(backbone, config, seed, args, out):
+    """Train `config` with `seed` into `out`; returns (minutes of training, {protocol: top-1})."""
+    warmup = min(CONFIG_WARMUP_EPOCHS, args.epochs - 1) if args.epochs else None
+    job = launch.Job(config, args.data, out, epochs=args.epochs, warmup_epochs=warmup, batch_size=args.batch_size,
+                     seed=seed, workers=args.workers)
+    start = time.time()
+    trained = launch.run(backbone, job, args.nproc, log=os.path.join(out, 'train.log'))['weights']
+    minutes = (time.time() - start) / 60
+    accuracy = {}
+    for protocol in PROTOCOLS:
+        evaluation = launch.Job(config, args.data, os.path.join(out, 'eval'), evaluate=True, checkpoint=trained,
+                                protocol=protocol, batch_size=args.batch_size, seed=EVAL_SEED, workers=args.workers)
+        accuracy[protocol] = launch.run(backbone, evaluation, log=os.path.join(out, f'eval-{protocol}.log'))['acc1']
+    return minutes, accuracy
 
 
 def main():
@@ -120,24 +50,21 @@ def main():
     parser.add_argument('--workers', type=int, default=2, help='data-loading workers per process')
     parser.add_argument('--workdir', default='/tmp/ista2-study')
     args = parser.parse_args()
-    args.data = os.path.abspath(args.data)
+    args.data, args.workdir = os.path.abspath(args.data), os.path.abspath(args.workdir)
     rows = []
-    for key in args.backbones:
-        backbone = BACKBONES[key]
-        for name in backbone.pair:
+    for backbone in args.backbones:
+        for config in BACKBONES[backbone].cifar:
+            name = config_name(config)
             accuracy = {p: [] for p in PROTOCOLS}
             minutes = []
             for seed in args.seeds:
-                out = os.path.join(args.workdir, key, name, f'seed{seed}')
+                out = os.path.join(args.workdir, backbone, name, f'seed{seed}')
                 os.makedirs(out, exist_ok=True)
-                start = time.time()
-                run(backbone.train(name, seed, args, out), backbone.cwd, os.path.join(out, 'train.log'))
-                minutes.append((time.time() - start) / 60)
-                for protocol in PROTOCOLS:
-                    log = run(backbone.evaluate(name, protocol, args, out), backbone.cwd,
-                              os.path.join(out, f'eval-{protocol.replace(" ", "-")}.log'))
-                    accuracy[protocol].append(float(re.findall(backbone.pattern, log)[-1]))
-                print(f'{name} seed {seed}: ' + ', '.join(f'{p} {accuracy[p][-1]:.2f}' for p in PROTOCOLS), flush=True)
+                train_minutes, seed_accuracy = train_and_evaluate(backbone, config, seed, args, out)
+                minutes.append(train_minutes)
+                for protocol, acc1 in seed_accuracy.items():
+                    accuracy[protocol].append(acc1)
+                print(f'{name} seed {seed}: ' + ', '.join(f'{p} {a:.2f}' for p, a in seed_accuracy.items()), flush=True)
             rows.append((name, accuracy, statistics.mean(minutes)))
     print(f'\ntop-1 (%) on CIFAR-10 val, mean ± half-range over seeds {args.seeds}')
     print(f'{"config":36} ' + ' '.join(f'{p:>15}' for p in PROTOCOLS) + f' {"train min":>10}')

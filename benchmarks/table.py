@@ -3,13 +3,13 @@
     python benchmarks/table.py [--batch 8] [--train-batch 128] [--rounds 5]
 
 Each model is built from the config file the paper links to, through its backbone's own config
-system. GFLOPs are fvcore's multiply-add count for one 224 px image, with the attention matmuls
-counted (fvcore has no rule for scaled_dot_product_attention; one is added here) and ISTA2's
-alignment off, as it is for a batch of one. The alignment's own multiply-adds depend on how many
-other images share the batch; they are computed analytically from every ISTA2 call's shapes and
-printed for the per-process training batch. Time ratios are ISTA2 / baseline on this machine
-(train step: forward, backward, AdamW; inference: forward without gradients), at --batch,
-the two models of a pair alternating.
+system (the registry, common/backbones.py). GFLOPs are fvcore's multiply-add count for one 224 px
+image, with the attention matmuls counted (fvcore has no rule for scaled_dot_product_attention;
+one is added here) and ISTA2's alignment off, as it is for a batch of one. The alignment's own
+multiply-adds depend on how many other images share the batch; they are computed analytically
+from every ISTA2 call's shapes and printed for the per-process training batch. Time ratios are
+ISTA2 / baseline on this machine (train step: forward, backward, AdamW; inference: forward without
+gradients), at --batch, the two models of a pair alternating.
 """
 import argparse
 import math
@@ -21,11 +21,11 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common.backbones import BACKBONES, config_name  # noqa: E402
 from common.ista2 import ISTA2  # noqa: E402
 from common.runtime import tune_cpu  # noqa: E402
 
 from measure import time_step  # noqa: E402
-from paper_models import PAIRS, TITLES, build  # noqa: E402
 
 # (params M, GFLOPs, top-1) as printed in the paper's table
 PAPER = {'pvt_v2_b0': (3.7, 0.6, 70.8), 'pvt_v2_b0_ista2': (3.7, 0.6, 71.7),
@@ -117,16 +117,19 @@ def main():
     torch.manual_seed(0)
     print(f'{"model":18} {"params M":>8} {"paper":>5}  {"GFLOPs":>6} {"paper":>5}  {"+align@1":>8} '
           f'{"+align@" + str(args.train_batch):>10}  {"train x":>7} {"infer x":>7}')
-    for baseline, ista2 in PAIRS.items():
-        models = {name: build(name) for name in (baseline, ista2)}
-        ratios = time_ratios(models, args.batch, args.size, args.rounds)
-        for name, model in models.items():
-            params = sum(p.numel() for p in model.parameters()) / 1e6
-            extra = [alignment_gflops(model, args.size, b) for b in (1, args.train_batch)]
-            title = TITLES[baseline] + (' + ISTA2' if name == ista2 else '')
-            shown = ('', '') if name == baseline else tuple(f'{r:7.2f}' for r in ratios)
-            print(f'{title:18} {params:8.2f} {PAPER[name][0]:5.1f}  {gflops(model, args.size):6.2f} '
-                  f'{PAPER[name][1]:5.1f}  {extra[0]:8.2f} {extra[1]:10.2f}  {shown[0]:>7} {shown[1]:>7}', flush=True)
+    for backbone in BACKBONES.values():
+        for row, (baseline, ista2) in backbone.paper.items():
+            models = {config_name(config): backbone.build(config) for config in (baseline, ista2)}
+            ratios = time_ratios(models, args.batch, args.size, args.rounds)
+            for name, model in models.items():
+                params = sum(p.numel() for p in model.parameters()) / 1e6
+                extra = [alignment_gflops(model, args.size, b) for b in (1, args.train_batch)]
+                with_ista2 = name == config_name(ista2)
+                title = row + (' + ISTA2' if with_ista2 else '')
+                shown = tuple(f'{r:7.2f}' for r in ratios) if with_ista2 else ('', '')
+                print(f'{title:18} {params:8.2f} {PAPER[name][0]:5.1f}  {gflops(model, args.size):6.2f} '
+                      f'{PAPER[name][1]:5.1f}  {extra[0]:8.2f} {extra[1]:10.2f}  {shown[0]:>7} {shown[1]:>7}',
+                      flush=True)
     print(f'GFLOPs: multiply-adds of one {args.size} px image; +align@N: ISTA2 alignment multiply-adds per image '
           f'when N images share a call; time ratios at batch {args.batch} on this machine '
           f'({torch.get_num_threads()} threads).')

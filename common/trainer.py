@@ -293,7 +293,9 @@ def train(session, model, recipe):
             log(f'Resumed from {path} (epochs before {start} done); continuing at epoch {start}')
         if recipe.validate_after_resume:
             validate(session, model, val_loader, recipe, amp)
-    result = {'epochs': recipe.epochs, 'best_acc1': best, 'test': None, 'train': None}
+    final = 'final_state.pth' if ckpt_layout.final_state else ckpt_layout.latest
+    result = {'epochs': recipe.epochs, 'best_acc1': best, 'test': None, 'train': None, 'n_parameters': n_parameters,
+              'weights': os.path.join(ckpt_layout.folder, final) if ckpt_layout.folder else None}
     if start >= recipe.epochs:
         log(f'Nothing to train: epochs before {start} are done, and {recipe.name("epochs")} is {recipe.epochs}')
         return report(result)

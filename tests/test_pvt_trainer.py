@@ -73,6 +73,7 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_data, tmp_path):
     (['--dist_url', 'tcp://10.0.0.1:23456'], 'only env:// is supported; launch with torchrun'),
     (['--world_size', '8'], '--world_size 8, but WORLD_SIZE is 1'),
     (['--resplit'], '--resplit only acts with augmentation splits'),
+    (['--inat-category', 'genus'], '--inat-category genus only applies to the iNaturalist data sets'),
 ])
 def test_flags_that_would_do_nothing_are_refused(tiny_data, tmp_path, flags, message):
     assert message in run(CWD, train_args(B0, tiny_data, str(tmp_path / 'run'), 1, *flags), expect_ok=False)

@@ -164,6 +164,9 @@ def check_unused(args):
     if args.resplit:
         raise ConfigError('--resplit only acts with augmentation splits, which neither upstream nor this trainer '
                          'uses; drop it')
+    if args.inat_category != 'name':
+        raise ConfigError(f'--inat-category {args.inat_category} only applies to the iNaturalist data sets, which are '
+                          f'not supported here; drop it')
 
 
 def build_datasets(args):

@@ -1,0 +1,162 @@
+"""The backbone registry and the launcher: every backbone's commands (training, and evaluation under
+each protocol) are what its front end accepts, read by the front end's own parser and config loader
+without training; one real round trip (CvT: train one epoch, evaluate at batch 1) returns the
+structured results, with the path of the final weights; a failing run names what failed."""
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from torch.distributed.run import get_args_parser as torchrun_parser
+
+from common import launch
+from common.backbones import BACKBONES, imported
+from common.trainer import PROTOCOLS
+from tests.conftest import ROOT, trainer_env
+
+SETTINGS = dict(data='/data/tiny', output='/runs/job', epochs=7, warmup_epochs=2, batch_size=5, seed=3, workers=1)
+NPROC, PORT = 2, 29555
+
+
+def load(name, path):
+    """The file at `path` as the module `name` (loaded once)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def front_end(backbone):
+    """A backbone's main.py, its folder on sys.path for its own imports."""
+    folder = ROOT / BACKBONES[backbone].folder
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return load(f'{backbone}_main', folder / 'main.py')
+
+
+def torchrun(words):
+    """(processes, port, script, script arguments) as torchrun reads its command line."""
+    args = torchrun_parser().parse_args(words)
+    return int(args.nproc_per_node), args.master_port, args.training_script, args.training_script_args
+
+
+def run_sh(words, tmp_path):
+    """What CvT's run.sh hands to torchrun, with a stand-in $PYTHON that prints its arguments."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/bin/sh\nprintf "CALL\\0"; printf "%s\\0" "$@"\n')
+    fake.chmod(0o755)
+    out = subprocess.run(words, cwd=ROOT / BACKBONES['cvt'].folder, env={**trainer_env(), 'PYTHON': str(fake)},
+                         capture_output=True, text=True, check=True).stdout
+    called = out.split('CALL\0')[-1].split('\0')[:-1]
+    assert called[:2] == ['-m', 'torch.distributed.run']
+    return called[2:]
+
+
+def pvt(script, argv):
+    main = front_end('pvt')
+    parser = main.get_args_parser()
+    args = parser.parse_args(argv)
+    main.apply_config(args, parser, argv)
+    return dict(evaluate=args.eval, config=args.config, data=args.data_path, epochs=args.epochs,
+                warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, seed=args.seed,
+                workers=args.num_workers, protocol=args.eval_protocol, checkpoint=args.resume or None)
+
+
+def swin(script, argv):
+    args, config = front_end('swin').parse_option(argv)
+    return dict(evaluate=config.EVAL_MODE, config=args.cfg, data=config.DATA.DATA_PATH, epochs=config.TRAIN.EPOCHS,
+                warmup_epochs=config.TRAIN.WARMUP_EPOCHS, batch_size=config.DATA.BATCH_SIZE, seed=config.SEED,
+                workers=config.DATA.NUM_WORKERS, protocol=config.TEST.PROTOCOL,
+                checkpoint=config.MODEL.RESUME or None)
+
+
+def cvt(script, argv, monkeypatch):
+    runner = imported(BACKBONES['cvt'].folder, 'lib.runner')
+    monkeypatch.setattr(sys, 'argv', [script, *argv])
+    args = runner.parse_args('CvT')
+    config = runner.update_config(runner.default_config.clone(), args)
+    return dict(evaluate=script == 'tools/test.py', config=args.cfg, data=config.DATASET.ROOT,
+                epochs=config.TRAIN.END_EPOCH, warmup_epochs=config.TRAIN.LR_SCHEDULER.ARGS.warmup_epochs,
+                batch_size=(config.TRAIN.BATCH_SIZE_PER_GPU, config.TEST.BATCH_SIZE_PER_GPU), seed=config.SEED,
+                workers=config.WORKERS, protocol=config.TEST.PROTOCOL,
+                checkpoint=config.TEST.MODEL_FILE or None)
+
+
+def parsed(backbone, job, monkeypatch, tmp_path):
+    """The job's command as the backbone's launcher and front end read it (in its folder)."""
+    words = launch.command(backbone, job, NPROC, PORT)
+    monkeypatch.chdir(ROOT / BACKBONES[backbone].folder)
+    if backbone == 'cvt':
+        assert words[:2] == ['bash', 'run.sh']
+        nproc, port, script, argv = torchrun(run_sh(words, tmp_path))
+        values = cvt(script, argv, monkeypatch)
+    else:
+        assert words[:3] == ['python', '-m', 'torch.distributed.run']
+        nproc, port, script, argv = torchrun(words[3:])
+        assert script == 'main.py'
+        values = {'pvt': pvt, 'swin': swin}[backbone](script, argv)
+    assert (nproc, port) == (NPROC, PORT)
+    return values
+
+
+@pytest.mark.parametrize('protocol', [None, *PROTOCOLS], ids=lambda p: p or 'train')
+@pytest.mark.parametrize('backbone', BACKBONES)
+def test_every_command_is_what_the_front_end_reads(backbone, protocol, monkeypatch, tmp_path):
+    """None: a training job (validating under 'shuffled'); otherwise an evaluation under `protocol`."""
+    config = BACKBONES[backbone].cifar[1]
+    evaluate = protocol is not None
+    job = launch.Job(config, evaluate=evaluate, protocol=protocol or 'shuffled',
+                     checkpoint='/runs/job/weights.pth' if evaluate else None, **SETTINGS)
+    expected = dict(evaluate=evaluate, config=config, data=job.data, epochs=job.epochs,
+                    warmup_epochs=job.warmup_epochs, batch_size=job.batch_size, seed=job.seed, workers=job.workers,
+                    protocol=job.protocol, checkpoint=job.checkpoint)
+    if backbone == 'cvt':
+        expected['batch_size'] = (job.batch_size, job.batch_size)
+    assert parsed(backbone, job, monkeypatch, tmp_path) == expected
+
+
+@pytest.mark.parametrize('backbone', BACKBONES)
+def test_the_study_caps_the_warmup_its_configs_set(backbone, monkeypatch, tmp_path):
+    study = load('cifar_study', ROOT / 'benchmarks' / 'cifar_study.py')
+    for config in BACKBONES[backbone].cifar:
+        job = launch.Job(config, **{**SETTINGS, 'warmup_epochs': None})
+        assert parsed(backbone, job, monkeypatch, tmp_path)['warmup_epochs'] == study.CONFIG_WARMUP_EPOCHS
+
+
+def test_a_checkpoint_is_for_evaluation_and_pvt_takes_no_config_keys():
+    with pytest.raises(ValueError, match='weights to evaluate'):
+        launch.command('pvt', launch.Job('c.py', 'd', 'o', checkpoint='w.pth'))
+    with pytest.raises(ValueError, match='no config keys'):
+        launch.command('pvt', launch.Job('c.py', 'd', 'o', extra={'TRAIN.EPOCHS': 1}))
+
+
+def test_cvt_trains_and_evaluates_with_structured_results(tiny_data, tmp_path):
+    job = launch.Job(BACKBONES['cvt'].cifar[1], tiny_data, str(tmp_path / 'run'), epochs=1, warmup_epochs=0,
+                     batch_size=8, seed=0, workers=0)
+    trained = launch.run('cvt', job, log=tmp_path / 'train.log')
+    assert set(trained) == {'epochs', 'best_acc1', 'test', 'train', 'n_parameters', 'weights'}
+    assert trained['epochs'] == 1 and trained['n_parameters'] > 0
+    assert trained['test']['images'] == 40 and trained['test']['protocol'] == 'class-order'
+    weights = trained['weights']
+    assert weights == str(tmp_path / 'run' / 'imagenet' / 'cvt-13-ista2-32x32' / 'final_state.pth')
+    assert os.path.isfile(weights)
+    evaluation = launch.run('cvt', replace(job, evaluate=True, checkpoint=weights, protocol='batch-1',
+                                           output=str(tmp_path / 'eval')), log=tmp_path / 'eval.log')
+    assert set(evaluation) == {'checkpoint', 'acc1', 'acc5', 'loss', 'images', 'protocol'}
+    assert (evaluation['checkpoint'], evaluation['images'], evaluation['protocol']) == (weights, 40, 'batch-1')
+
+
+@pytest.mark.parametrize('code, problem', [('print(*range(30), sep="\\n"); exit(3)', 'exited with status 3'),
+                                           ('pass', 'exited without reporting a result')])
+def test_a_failed_run_names_its_command_status_and_log(code, problem, monkeypatch, tmp_path):
+    monkeypatch.setitem(BACKBONES, 'pvt', replace(BACKBONES['pvt'], commands={'train': ('{python}', '-c', code)}))
+    log = tmp_path / 'run.log'
+    with pytest.raises(launch.LaunchError) as failure:
+        launch.run('pvt', launch.Job('c.py', 'd', 'o'), log=log)
+    message = str(failure.value)
+    assert code in message and problem in message and str(log) in message
+    if 'range' in code:
+        assert message.endswith('\n'.join(map(str, range(15, 30))))
