@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv test demo table bench
+.PHONY: venv test demo table bench gpu-check
 
 $(VENV)/.requirements: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,3 +27,8 @@ table: venv
 bench: venv
 	$(PY) benchmarks/bench_ista2.py
 	$(PY) benchmarks/bench_train_step.py
+
+# One GPU, under 10 minutes: ISTA2 on CUDA against the float64 oracle, NCCL, the three trainers with AMP
+# through their launchers, and the speed table (benchmarks/gpu_check.py; exit status 1 if a check fails).
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py

@@ -72,10 +72,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(backbone, job, nproc=1, *, log, show=False):
+def run(backbone, job, nproc=1, *, log, show=False, timeout=None):
     """Run `job` with `nproc` processes in the backbone's folder, this interpreter's folder first on
     the PATH, its output written to the file `log`; returns the result the run reported. With `show`,
-    print the command first (as typed in the backbone's folder)."""
+    print the command first (as typed in the backbone's folder); `timeout` (s) stops a run that hangs."""
     port = free_port()
     cmd = command(backbone, job, nproc, port, python=sys.executable)
     if show:
@@ -85,13 +85,16 @@ def run(backbone, job, nproc=1, *, log, show=False):
         env = {**os.environ, 'ISTA2_RESULT_FILE': result_file,
                'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')}
         with open(log, 'w') as f:
-            status = subprocess.run(cmd, cwd=os.path.join(ROOT, BACKBONES[backbone].folder), env=env, stdout=f,
-                                    stderr=subprocess.STDOUT).returncode
+            try:
+                status = subprocess.run(cmd, cwd=os.path.join(ROOT, BACKBONES[backbone].folder), env=env, stdout=f,
+                                        stderr=subprocess.STDOUT, timeout=timeout).returncode
+                problem = f'exited with status {status}' if status else 'exited without reporting a result'
+            except subprocess.TimeoutExpired:
+                status, problem = None, f'was stopped after {timeout} s'
         if status == 0 and os.path.isfile(result_file):
             with open(result_file) as f:
                 return json.load(f)
     with open(log) as f:
         tail = f.read().splitlines()[-15:]
-    problem = f'exited with status {status}' if status else 'exited without reporting a result'
     raise LaunchError(f'{shlex.join(cmd)}\n(in {BACKBONES[backbone].folder}) {problem}; its output is in {log}, '
                       f'ending:\n' + '\n'.join(tail))

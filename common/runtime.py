@@ -46,7 +46,9 @@ def init_runtime(device=None):
         dev = torch.device('cpu')
     else:
         raise ConfigError(f'unknown device {device!r}; valid: cuda, cpu')
-    if world > 1 and not dist.is_initialized():
+    # On GPUs a torchrun launch joins a group even alone, so one GPU exercises NCCL (evaluation's all_reduce)
+    launched = 'TORCHELASTIC_RUN_ID' in os.environ
+    if (world > 1 or (launched and dev.type == 'cuda')) and not dist.is_initialized():
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://',
                                 rank=rank, world_size=world)
         dist.barrier()

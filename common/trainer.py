@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -204,11 +205,16 @@ def restore(model, path, ckpt_layout, log):
     return None if bare or not all(k in ckpt for k in ('optimizer', 'epoch')) else ckpt
 
 
+def named_checkpoint(path, recipe):
+    """`path`, a checkpoint the user named, if it is a file."""
+    if not os.path.isfile(path):
+        raise checkpoint.CheckpointError(f'{recipe.name("resume")} {path!r}: no such file')
+    return path
+
+
 def resume_path(ckpt_layout, recipe, log):
     if ckpt_layout.resume:
-        if not os.path.isfile(ckpt_layout.resume):
-            raise checkpoint.CheckpointError(f'{recipe.name("resume")} {ckpt_layout.resume!r}: no such file')
-        return ckpt_layout.resume
+        return named_checkpoint(ckpt_layout.resume, recipe)
     latest = os.path.join(ckpt_layout.folder, ckpt_layout.latest) if ckpt_layout.folder else None
     if ckpt_layout.auto_resume and latest and os.path.isfile(latest):
         log(f'Found {latest}: resuming from it')
@@ -228,14 +234,14 @@ def evaluate(session, model, recipe):
     """Evaluate the recipe's checkpoint (named, or the folder's eval_file) under its protocol."""
     ckpt_layout = recipe.checkpoints
     check_numbers(recipe, training=False)
-    path = ckpt_layout.resume
-    if not path and ckpt_layout.folder and os.path.isfile(os.path.join(ckpt_layout.folder, ckpt_layout.eval_file)):
-        path = os.path.join(ckpt_layout.folder, ckpt_layout.eval_file)
-    if not path:
+    in_folder = os.path.join(ckpt_layout.folder, ckpt_layout.eval_file) if ckpt_layout.folder else None
+    if ckpt_layout.resume:
+        path = named_checkpoint(ckpt_layout.resume, recipe)
+    elif in_folder and os.path.isfile(in_folder):
+        path = in_folder
+    else:
         raise ConfigError(f'{recipe.name("evaluate")} needs a checkpoint: {recipe.name("resume")} PATH, or '
                           f'{recipe.name("folder")} holding {ckpt_layout.eval_file}')
-    if not os.path.isfile(path):
-        raise checkpoint.CheckpointError(f'{recipe.name("resume")} {path!r}: no such file')
     restore(model, path, ckpt_layout, session.log)
     session.log(f'=> loaded {path}')
     model.to(session.runtime.device)
@@ -295,7 +301,8 @@ def train(session, model, recipe):
             validate(session, model, val_loader, recipe, amp)
     final = 'final_state.pth' if ckpt_layout.final_state else ckpt_layout.latest
     result = {'epochs': recipe.epochs, 'best_acc1': best, 'test': None, 'train': None, 'n_parameters': n_parameters,
-              'weights': os.path.join(ckpt_layout.folder, final) if ckpt_layout.folder else None}
+              'weights': os.path.join(ckpt_layout.folder, final) if ckpt_layout.folder else None,
+              'process_group': dist.get_backend() if dist.is_initialized() else None}
     if start >= recipe.epochs:
         log(f'Nothing to train: epochs before {start} are done, and {recipe.name("epochs")} is {recipe.epochs}')
         return report(result)

@@ -137,7 +137,8 @@ def test_cvt_trains_and_evaluates_with_structured_results(tiny_data, tmp_path):
     job = launch.Job(BACKBONES['cvt'].cifar[1], tiny_data, str(tmp_path / 'run'), epochs=1, warmup_epochs=0,
                      batch_size=8, seed=0, workers=0)
     trained = launch.run('cvt', job, log=tmp_path / 'train.log')
-    assert set(trained) == {'epochs', 'best_acc1', 'test', 'train', 'n_parameters', 'weights'}
+    assert set(trained) == {'epochs', 'best_acc1', 'test', 'train', 'n_parameters', 'weights', 'process_group'}
+    assert trained['process_group'] is None  # one CPU process joins no group
     assert trained['epochs'] == 1 and trained['n_parameters'] > 0
     assert trained['test']['images'] == 40 and trained['test']['protocol'] == 'class-order'
     weights = trained['weights']
