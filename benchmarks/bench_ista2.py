@@ -2,6 +2,7 @@
 attention with alignment and norms off, on PVTv2-B2 stage-1 and Swin-T stage-1 shapes.
 
     python benchmarks/bench_ista2.py [--batch 32 128] [--reference /tmp/ref/ista2_ref.py] [--parts]
+        [--device cuda] [--dtype bfloat16]
 
 Each measurement runs in a fresh process, so the peak resident memory it reports (growth
 above the process's footprint before the first step) belongs to that variant alone.
@@ -9,6 +10,10 @@ above the process's footprint before the first step) belongs to that variant alo
 (kept outside this repository, its ``.cuda()`` calls pointed at the CPU); it is then timed
 too, and its output compared with ours in float64. ``--parts`` also times the published
 settings' two halves alone: the q/k/v RMSNorms, and the alignment.
+
+ISTA2's code path follows the usual switches: ISTA2_CPU_KERNELS=0 times the torch path on the CPU,
+ISTA2_TRITON=0 the torch path on CUDA. ``--device cuda`` synchronises after each call and reports the
+peak allocated GPU memory; ``--dtype`` makes q, k, v (not the norm weights) that dtype, as under AMP.
 """
 import argparse
 import importlib.util
@@ -18,6 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ista2  # noqa: E402
 from common.ista2 import ISTA2  # noqa: E402
 from common.runtime import tune_cpu  # noqa: E402
 
@@ -57,20 +63,31 @@ def inputs(shape, batch, dtype=torch.float32, seed=0):
     return q, k, v, extra
 
 
-def worker(variant, shape_name, batch, repeats, reference):
+def worker(variant, shape_name, batch, repeats, reference, device='cpu', dtype='float32'):
     tune_cpu()  # as the trainers do, before any parallel op
     shape = SHAPES[shape_name]
-    module = build(variant, shape, reference or None)
+    module = build(variant, shape, reference or None).to(device)
     q, k, v, extra = inputs(shape, batch)
-    for t in (q, k, v):
-        t.requires_grad_()
+    q, k, v = (t.to(device, getattr(torch, dtype)).requires_grad_() for t in (q, k, v))
+    extra = {key: value.to(device, getattr(torch, dtype)) if torch.is_tensor(value) else value
+             for key, value in extra.items()}
+    cuda = device.startswith('cuda')
 
     def step():
-        module(q, k, v, **extra).sum().backward()
+        module(q, k, v, **extra).float().sum().backward()
         for t in (q, k, v):
             t.grad = None
+        if cuda:
+            torch.cuda.synchronize()
 
-    report(time_step(step, repeats))
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    result = time_step(step, repeats)
+    if cuda:  # GPU memory instead of the process's resident memory
+        result['peak_mib'] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    report(result)
 
 
 def max_difference(shape_name, reference):
@@ -81,6 +98,14 @@ def max_difference(shape_name, reference):
     return (ours(q, k, v, **extra) - theirs(q, k, v, **extra)).abs().max().item()
 
 
+def code_path(device, dtype):
+    """Which implementation of the norms and the top-1 alignment ISTA2 picks for these tensors."""
+    x = torch.empty(0, dtype=getattr(torch, dtype), device=device)
+    if ista2._cpu_kernels(x) is not None:
+        return 'the fused CPU kernels'
+    return 'the Triton kernels' if ista2._triton_kernels(x) is not None else 'the torch code path'
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--batch', type=int, nargs='+', default=[32, 128])
@@ -89,24 +114,28 @@ def main():
     parser.add_argument('--reference', help='scratch copy of the reference attns/ista2.py, CPU-patched')
     parser.add_argument('--parts', action='store_true', help='also time the norms alone and the alignment alone')
     parser.add_argument('--shapes', nargs='+', default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument('--worker', nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'],
+                        help='of q, k, v (the norm weights stay float32, as under AMP)')
+    parser.add_argument('--worker', nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        variant, shape_name, batch, repeats, reference = args.worker
-        return worker(variant, shape_name, int(batch), int(repeats), reference)
+        variant, shape_name, batch, repeats, reference, device, dtype = args.worker
+        return worker(variant, shape_name, int(batch), int(repeats), reference, device, dtype)
 
     variants = ['baseline'] + (['norms-only', 'alignment-only'] if args.parts else []) + ['ista2']
     variants += ['reference-baseline', 'reference-ista2'] if args.reference else []
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, forward+backward, '
-          f'median over {args.rounds} alternating processes of the median of {args.repeats} calls; '
-          'ratios are to our baseline')
+    device = args.device if args.device == 'cpu' else torch.cuda.get_device_name(args.device)
+    print(f'torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {args.dtype}, '
+          f'ISTA2 on {code_path(args.device, args.dtype)}, forward+backward, median over {args.rounds} '
+          f'alternating processes of the median of {args.repeats} calls; ratios are to our baseline')
     print(f'{"shape":18} {"batch":>5} {"variant":18} {"ms":>9} {"peak MiB":>9} {"time x":>7} {"mem x":>7}')
     for shape_name in args.shapes:
         if args.reference:
             print(f'{shape_name}: max |ours - reference| (float64) = {max_difference(shape_name, args.reference):.2e}')
         for batch in args.batch:
-            results = compare(__file__, variants, (shape_name, batch, args.repeats, args.reference or ''),
-                              args.rounds)
+            results = compare(__file__, variants, (shape_name, batch, args.repeats, args.reference or '',
+                                                   args.device, args.dtype), args.rounds)
             base = results['baseline']
             for variant, r in results.items():
                 print(f'{shape_name:18} {batch:5d} {variant:18} {1e3 * r["seconds"]:9.1f} {r["peak_mib"]:9.1f} '

@@ -26,6 +26,17 @@ from common.ista2_options import require, validate
 # The fused CPU kernels (common/csrc/ista2_cpu.cpp) serve float32/float64 CPU tensors; set
 # ISTA2_CPU_KERNELS=0 (or this flag to False) to run the torch code path everywhere.
 CPU_KERNELS = os.environ.get('ISTA2_CPU_KERNELS', '1') != '0'
+# The Triton kernels (common/ista2_triton.py) serve float32/float16/bfloat16 tensors on the device types
+# in TRITON_DEVICES (the tests add 'cpu' under the Triton interpreter); set ISTA2_TRITON=0 (or this flag
+# to False) to run the torch code path there instead.
+TRITON = os.environ.get('ISTA2_TRITON', '1') != '0'
+TRITON_DEVICES = ('cuda',)
+# The torch code path of the alignment works through the tokens in chunks whose transient tensors (the
+# scores against every candidate, the gathered winners and a few temporaries of the tokens' width) take
+# at most this many bytes: unchunked, the scores of a Swin-T stage-1 block at 128 images take 600 MB in
+# float32. Under 32 MiB, glibc (as tuned by common.runtime.tune_cpu) also serves every chunk from reused
+# heap memory instead of fresh pages.
+CHUNK_BYTES = 16 * 2 ** 20
 
 
 @functools.cache
@@ -60,6 +71,35 @@ def _cpu_kernels(x):
     return _load_cpu_kernels()
 
 
+@functools.cache
+def _load_triton_kernels():
+    """common.ista2_triton, or None (with a warning) if Triton cannot be imported."""
+    try:
+        from common import ista2_triton
+    except Exception as error:  # e.g. a torch wheel without Triton: the torch path computes the same
+        warnings.warn(f'ISTA2: the Triton kernels could not be loaded ({error}); using the torch code path. '
+                      f'Set ISTA2_TRITON=0 to skip the attempt.', stacklevel=3)
+        return None
+    return ista2_triton
+
+
+@functools.cache
+def _triton_serves(device, dtype):
+    """Triton 3.0 compiles for compute capability 7.0 and up, bfloat16 products from 8.0."""
+    if device.type != 'cuda':
+        return True
+    capability = torch.cuda.get_device_capability(device)
+    return capability >= (8, 0) or (capability >= (7, 0) and dtype != torch.bfloat16)
+
+
+def _triton_kernels(x):
+    """The Triton kernels if they serve tensor ``x`` (float32/16 or bfloat16 on a TRITON_DEVICES device), else None."""
+    if not TRITON or x.device.type not in TRITON_DEVICES or x.dtype not in (torch.float32, torch.float16,
+                                                                            torch.bfloat16):
+        return None
+    return _load_triton_kernels() if _triton_serves(x.device, x.dtype) else None
+
+
 def _rows(x):
     """x (..., c) as a 2-d (rows, c) tensor with unit channel stride, a view where possible."""
     rows = x.reshape(-1, x.shape[-1])
@@ -88,17 +128,22 @@ def gather_from_ranks(x):
 
 class _RMSNormFunction(torch.autograd.Function):
     """y = x / sqrt(mean(x^2) + eps) [* w] over the last dim; w may be None. One fused pass on
-    the CPU; elsewhere 3 passes forward and 6 backward (torch 2.4's composite nn.RMSNorm takes
-    about three times as long)."""
+    the CPU (float32/64) and on CUDA (Triton; float32/16, bfloat16, summed in float32); elsewhere
+    3 passes forward and 6 backward (torch 2.4's composite nn.RMSNorm takes about three times as long)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         opmath = torch.promote_types(x.dtype, torch.float32)
         eps = torch.finfo(opmath).eps if eps is None else eps
         kernels = _cpu_kernels(x)
+        triton_kernels = None if kernels is not None else _triton_kernels(x)
+        ctx.triton = triton_kernels is not None
         if kernels is not None:
             y, inv_rms = kernels.rms_norm_forward(_rows(x), weight, eps)
             y, inv_rms = y.view(x.shape), inv_rms.view(*x.shape[:-1], 1)
+        elif triton_kernels is not None:  # inv_rms: (rows,) float32
+            y, inv_rms = triton_kernels.rms_norm_forward(_rows(x), weight, eps)
+            y = y.view(x.shape)
         else:
             mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=opmath).square_().div_(x.shape[-1])
             inv_rms = mean_square.add_(eps).rsqrt_().to(x.dtype)
@@ -110,6 +155,10 @@ class _RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, inv_rms = ctx.saved_tensors
         weight_grad = weight is not None and ctx.needs_input_grad[1]
+        if ctx.triton:
+            grad_x, grad_w = _load_triton_kernels().rms_norm_backward(_rows(grad), _rows(x), weight, inv_rms,
+                                                                      weight_grad)
+            return grad_x.view(x.shape), grad_w, None
         kernels = _cpu_kernels(x)
         if kernels is not None and grad.dtype == x.dtype:
             grad_x, grad_w = kernels.rms_norm_backward(_rows(grad), _rows(x), weight, inv_rms.reshape(-1),
@@ -145,71 +194,163 @@ class _AlignToBest(torch.autograd.Function):
     allowed candidate, per head. This is softmax([s v.v, s v.r*]) written as one sigmoid.
 
     v (m, T, c): T tokens of each of m images; candidates (n, c); allowed (m, n) bool: whether
-    image i may use candidate j. Returns (m, T, c). On the CPU one fused kernel; elsewhere the
-    scores and the mix are each one GEMM against the candidates laid out block-diagonally per
-    head, so v is read in its (tokens, c) layout and never gathered per token, with the backward
-    written out for the same reason (about 2x faster than autograd's).
+    image i may use candidate j. Returns (m, T, c). Three implementations of the same numbers: the
+    fused CPU kernels (float32/64 CPU tensors), the Triton kernels (float32/16 and bfloat16 CUDA
+    tensors), else torch code (`_align_to_best`). Each keeps for the backward v, the candidates and,
+    per token and head, only the winner's index and weight; the backward is written out by hand.
     """
 
     @staticmethod
     @torch.autocast('cuda', enabled=False)
     @torch.autocast('cpu', enabled=False)
     def forward(ctx, v, candidates, allowed, heads, scale):
-        """Runs in v's dtype (under AMP, the dtype of the norm or projection before it)."""
+        """Runs in v's dtype (under AMP, the dtype of the norm or projection before it); scores, weights and
+        sums in float32 at least."""
         ctx.heads, ctx.scale = heads, scale
         candidates = candidates.to(v.dtype)
+        shape = v.shape
         kernels = _cpu_kernels(v)
-        ctx.fused = kernels is not None
-        if ctx.fused:
+        triton_kernels = None if kernels is not None else _triton_kernels(v)
+        if kernels is not None:
+            ctx.path = 'cpu'
             v = v.contiguous()
             out, best, weight = kernels.align_forward(v, candidates, allowed, heads, scale)
-            ctx.save_for_backward(v, candidates, best, weight)
-            return out
-        m, tokens, c = v.shape
-        n, d = candidates.shape[0], c // heads
-        blocks = torch.block_diag(*candidates.view(n, heads, d).unbind(1))  # (h*n, c)
-        scores = (v.reshape(-1, c) @ blocks.t()).view(m, tokens, heads, n)
-        bar = torch.zeros(allowed.shape, dtype=v.dtype, device=v.device).masked_fill_(~allowed, float('-inf'))
-        best_score, best = scores.add_(bar[:, None, None]).max(-1, keepdim=True)
-        opmath = torch.promote_types(v.dtype, torch.float32)
-        self_score = torch.linalg.vector_norm(v.view(m, tokens, heads, d), dim=-1, dtype=opmath).square_()
-        weight = torch.sigmoid((best_score.squeeze(-1).to(opmath) - self_score) * scale)  # (m, T, h)
-        mix = torch.zeros_like(scores).scatter_(-1, best, weight.unsqueeze(-1).to(v.dtype))
-        out = v.view(m, tokens, heads, d) * (1 - weight).to(v.dtype).unsqueeze(-1)
-        out = out.view(-1, c).addmm_(mix.view(-1, heads * n), blocks)
-        ctx.save_for_backward(v, blocks, best, weight)
-        return out.view(m, tokens, c)
+        elif triton_kernels is not None:
+            ctx.path = 'triton'
+            v = _rows(v)
+            out, best, weight = triton_kernels.align_forward(v, candidates, allowed, heads, scale)
+        else:
+            ctx.path = 'torch'
+            v = _rows(v)
+            out, best, weight = _align_to_best(v, candidates, allowed, heads, scale)
+        ctx.save_for_backward(v, candidates, best, weight)
+        return out.view(shape)
 
     @staticmethod
     def backward(ctx, grad):
+        v, candidates, best, weight = ctx.saved_tensors
         candidates_grad = ctx.needs_input_grad[1]
-        if ctx.fused:
-            v, candidates, best, weight = ctx.saved_tensors
+        if ctx.path == 'cpu':
             grad_v, grad_candidates = _load_cpu_kernels().align_backward(
                 grad.to(v.dtype), v, candidates, best, weight, ctx.heads, ctx.scale, candidates_grad)
             return grad_v, grad_candidates if candidates_grad else None, None, None, None
-        v, blocks, best, weight = ctx.saved_tensors
-        m, tokens, c = v.shape
-        heads = ctx.heads
-        n, d = blocks.shape[0] // heads, c // heads
-        grad = grad.reshape(-1, c)
-        v_heads, grad_heads = v.view(m, tokens, heads, d), grad.view(m, tokens, heads, d)
-        grad_dot_best = (grad @ blocks.t()).view(m, tokens, heads, n).gather(-1, best).squeeze(-1)
-        grad_weight = grad_dot_best.to(weight.dtype) - torch.linalg.vecdot(grad_heads, v_heads).to(weight.dtype)
-        grad_score = grad_weight * weight * (1 - weight) * ctx.scale  # d loss / d (v.r* - v.v), (m, T, h)
-        to_best = torch.zeros(m, tokens, heads, n, dtype=v.dtype, device=v.device)
-        to_best = to_best.scatter_(-1, best, grad_score.unsqueeze(-1).to(v.dtype)).view(-1, heads * n)
-        grad_v = grad_heads * (1 - weight).to(v.dtype).unsqueeze(-1)
-        grad_v = grad_v.addcmul_(v_heads, grad_score.mul(-2).to(v.dtype).unsqueeze(-1)).view(-1, c)
-        grad_v = grad_v.addmm_(to_best, blocks).view(m, tokens, c)
-        grad_candidates = None
-        if candidates_grad:  # w g + (d loss / d score) v, summed over the tokens that chose each
-            mix = torch.zeros(m, tokens, heads, n, dtype=v.dtype, device=v.device)
-            mix = mix.scatter_(-1, best, weight.unsqueeze(-1).to(v.dtype)).view(-1, heads * n)
-            grad_blocks = (mix.t() @ grad).addmm_(to_best.t(), v.view(-1, c))  # (h*n, c)
-            grad_candidates = grad_blocks.view(heads, n, heads, d).diagonal(dim1=0, dim2=2).permute(0, 2, 1)
-            grad_candidates = grad_candidates.reshape(n, c)
-        return grad_v, grad_candidates, None, None, None
+        shape, grad = grad.shape, _rows(grad)
+        if ctx.path == 'triton':
+            grad_v, grad_candidates = _load_triton_kernels().align_backward(
+                grad, v, candidates, best, weight, ctx.heads, ctx.scale, candidates_grad)
+        else:
+            grad_v, grad_candidates = _align_to_best_backward(
+                grad.to(v.dtype), v, candidates, best, weight, ctx.heads, ctx.scale, candidates_grad)
+        return grad_v.view(shape), grad_candidates, None, None, None
+
+
+def _chunks(rows, tokens, row_bytes):
+    """Split rows = images x tokens (image-major) into (start, stop) pieces of at most CHUNK_BYTES
+    (row_bytes per row; one row at least), each either whole images or part of one image."""
+    per_chunk = max(1, CHUNK_BYTES // row_bytes)
+    if per_chunk >= tokens:
+        step = per_chunk // tokens * tokens
+        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    return [(image + start, image + min(start + per_chunk, tokens))
+            for image in range(0, rows, tokens) for start in range(0, tokens, per_chunk)]
+
+
+def _masked_scores(v, candidates, allowed, heads, start, stop, tokens):
+    """v (rows, c), candidates (n, c) -> per head, v[start:stop] . candidates, (h, stop - start, n), with
+    the candidates the token's image may not use (allowed (m, n) False) at -inf. One batched product
+    over the heads, each head's d channels against the same head of every candidate."""
+    n, c = candidates.shape
+    d = c // heads
+    scores = torch.bmm(v[start:stop].view(-1, heads, d).transpose(0, 1), candidates.view(n, heads, d).permute(1, 2, 0))
+    first, last = start // tokens, (stop - 1) // tokens + 1
+    barred = ~allowed[first:last]
+    if last - first == 1:  # part of one image
+        return scores.masked_fill_(barred[0], float('-inf'))
+    scores.view(heads, last - first, tokens, n).masked_fill_(barred[:, None], float('-inf'))
+    return scores
+
+
+def _top_candidates(v, candidates, allowed, heads, k):
+    """v (rows, c) -> (rows, h, k): per head, the indices of each token's k best allowed candidates. No
+    gradient; the scores are computed chunk by chunk (`_chunks`) and none is kept."""
+    rows, n = v.shape[0], candidates.shape[0]
+    tokens = rows // allowed.shape[0]
+    best = torch.empty(rows, heads, k, dtype=torch.long, device=v.device)
+    with torch.no_grad():
+        for start, stop in _chunks(rows, tokens, (heads * n + k * heads) * v.element_size()):
+            scores = _masked_scores(v, candidates, allowed, heads, start, stop, tokens)
+            best[start:stop] = scores.topk(k, -1).indices.transpose(0, 1)
+    return best
+
+
+def _candidate_rows(candidates, heads):
+    """candidates (n, c) -> (h*n, d), head-major: row i*n + j is head i of candidate j."""
+    n, c = candidates.shape
+    return candidates.view(n, heads, c // heads).transpose(0, 1).reshape(heads * n, c // heads)
+
+
+def _align_to_best(v, candidates, allowed, heads, scale):
+    """The torch code of `_AlignToBest`'s forward: v (rows, c) -> out (rows, c), best (rows, h) int64 and
+    weight (rows, h) in float32 at least. Per chunk of tokens: the per-head scores, the best allowed
+    candidate, its weight, and the mix with the winner gathered by index."""
+    rows, c = v.shape
+    n, d = candidates.shape[0], c // heads
+    tokens = rows // allowed.shape[0]
+    opmath = torch.promote_types(v.dtype, torch.float32)
+    half = v.element_size() < 4  # half precision: the winner's score again, and the mix, in float32
+    table = _candidate_rows(candidates, heads)
+    first_row = torch.arange(0, heads * n, n, device=v.device)  # of each head in `table`
+    out = torch.empty(rows, c, dtype=v.dtype, device=v.device)
+    best = torch.empty(rows, heads, dtype=torch.long, device=v.device)
+    weight = torch.empty(rows, heads, dtype=opmath, device=v.device)
+    for start, stop in _chunks(rows, tokens, (heads * n + c * (5 if half else 1)) * v.element_size()):
+        top, pick = _masked_scores(v, candidates, allowed, heads, start, stop, tokens).max(-1)  # (h, rows)
+        best[start:stop] = pick.t()
+        v_heads = v[start:stop].view(-1, heads, d)
+        chosen = F.embedding(best[start:stop] + first_row, table)  # (rows, h, d)
+        top = torch.linalg.vecdot(v_heads.to(opmath), chosen.to(opmath)) if half else top.t()
+        self_score = torch.linalg.vector_norm(v_heads, dim=-1, dtype=opmath).square_()
+        w = weight[start:stop]
+        torch.sigmoid((top - self_score).mul_(scale), out=w)
+        mixed = out[start:stop].view(-1, heads, d)
+        if half:
+            mixed.copy_(torch.lerp(v_heads.to(opmath), chosen.to(opmath), w.unsqueeze(-1)))
+        else:
+            torch.lerp(v_heads, chosen, w.unsqueeze(-1), out=mixed)
+    return out, best, weight
+
+
+def _align_to_best_backward(grad, v, candidates, best, weight, heads, scale, candidates_grad):
+    """The torch code of `_AlignToBest`'s backward, from the winners' indices and weights only, in chunks of
+    tokens. With z = v.r* - v.v and dz = dL/dz = g.(r* - v) scale w (1 - w): grad_v = (1 - w) g + dz
+    (r* - 2 v); grad_r* = w g + dz v, summed (in float32 at least) per head over the tokens that chose r*."""
+    rows, c = v.shape
+    n, d = candidates.shape[0], c // heads
+    opmath = weight.dtype
+    table = _candidate_rows(candidates, heads)
+    first_row = torch.arange(0, heads * n, n, device=v.device)
+    grad_v = torch.empty(rows, c, dtype=v.dtype, device=v.device)
+    grad_rows = torch.zeros(heads * n, d, dtype=opmath, device=v.device) if candidates_grad else None
+    step = max(1, CHUNK_BYTES // (4 * c * max(v.element_size(), 4)))
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        g, v_heads = grad[start:stop].view(-1, heads, d), v[start:stop].view(-1, heads, d)
+        w = weight[start:stop]
+        index = best[start:stop] + first_row  # rows of `table`
+        diff = F.embedding(index, table).sub_(v_heads)  # r* - v
+        dz = torch.linalg.vecdot(g, diff).to(opmath).mul_(w * (1 - w) * scale)  # (chunk, h)
+        dz_v = dz.to(v.dtype).unsqueeze(-1)
+        part = torch.mul(g, (1 - w).to(v.dtype).unsqueeze(-1), out=grad_v[start:stop].view(-1, heads, d))
+        part.addcmul_(diff, dz_v).addcmul_(v_heads, dz_v, value=-1)
+        if candidates_grad:  # diff's memory is reused when the dtypes allow
+            contribution = torch.mul(g, w.unsqueeze(-1), out=diff) if opmath == v.dtype else \
+                g.to(opmath) * w.unsqueeze(-1)
+            contribution.addcmul_(v_heads, dz.unsqueeze(-1))
+            grad_rows.index_add_(0, index.view(-1), contribution.view(-1, d))
+    grad_candidates = None
+    if candidates_grad:
+        grad_candidates = grad_rows.view(heads, n, d).transpose(0, 1).reshape(n, c).to(candidates.dtype)
+    return grad_v, grad_candidates
 
 
 class RMSNorm(nn.RMSNorm):
@@ -374,11 +515,9 @@ class ISTA2(nn.Module):
         if topk == 1:
             return _AlignToBest.apply(v, candidates, allowed, h, self.v_scale)
 
+        # which candidates win carries no gradient; their scores do, below
+        best = _top_candidates(_rows(v.detach()), candidates.detach(), allowed, h, topk).view(m, tokens, h, topk)
         v_heads, candidates = v.view(m, tokens, h, d), candidates.view(-1, h, d)
-        with torch.no_grad():  # which candidates win carries no gradient; their scores do, below
-            scores = torch.einsum('mthd,nhd->mthn', v_heads, candidates)
-            scores.masked_fill_(~allowed[:, None, None], float('-inf'))
-            best = scores.topk(topk, -1).indices  # (m, T, h, k)
         head_start = torch.arange(h, device=v.device).view(h, 1) * candidates.shape[0]
         chosen = F.embedding(best + head_start, candidates.transpose(0, 1).flatten(0, 1))  # (m, T, h, k, d)
         logits = torch.cat([torch.linalg.vecdot(v_heads, v_heads).unsqueeze(-1),

@@ -29,12 +29,6 @@ def float64():
     torch.set_default_dtype(previous)
 
 
-def softmax(xs):
-    top = max(xs)
-    e = [math.exp(x - top) for x in xs]
-    return [x / sum(e) for x in e]
-
-
 def rms_norm(x, w):
     eps = torch.finfo(x.dtype).eps
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
@@ -47,7 +41,8 @@ def layer_norm(x, w, b):
 
 
 def naive_ista2(m, q, k, v, images, rel_bias=None, mask=None):
-    """Loop over every image, head and token; `m` supplies only options and norm weights."""
+    """Loop over every image, head and token; `m` supplies only options and norm weights. Differentiable:
+    the winners are ranked on plain floats, the weights and the attention are tensors."""
     norms = {'q': m.q_norm_layer, 'k': m.k_norm_layer, 'v': m.v_norm_layer}
 
     def norm(x, name):
@@ -85,21 +80,21 @@ def naive_ista2(m, q, k, v, images, rel_bias=None, mask=None):
                 for pos, x in enumerate(tokens[i]):
                     scores = [float(x @ r) * m.v_scale for r in cands]
                     best = sorted(range(len(cands)), key=lambda z: -scores[z])[:kk]
-                    w = softmax([float(x @ x) * m.v_scale] + [scores[z] for z in best])
+                    w = torch.softmax(torch.stack([x @ x] + [x @ cands[z] for z in best]) * m.v_scale, 0)
                     new = w[0] * x + sum(w[1 + a] * cands[z] for a, z in enumerate(best))
                     aligned[i * rows + pos // p2, pos % p2, head] = new
     out = torch.zeros(b, p1, h, d)
     for row, head, t in itertools.product(range(b), range(h), range(p1)):
-        query = Q[row, t, head]
-        if m.rep_tkn_type == 'cls+bg' and t == m.bg_tkn_idx:
-            query = -Q[row, m.cls_tkn_idx, head]
-        logits = [float(query @ K[row, s, head]) * m.qk_scale for s in range(p2)]
-        for s in range(p2):
-            if rel_bias is not None:
-                logits[s] += float(rel_bias[head, t, s])
-            if mask is not None:
-                logits[s] += float(mask[row % mask.shape[0], t, s])
-        a = softmax(logits)
+        if m.rep_tkn_type == 'cls+bg' and t == m.bg_tkn_idx:  # minus the class query's logits, no gradient
+            logits = torch.stack([-(Q[row, m.cls_tkn_idx, head] @ K[row, s, head]).detach() for s in range(p2)])
+        else:
+            logits = torch.stack([Q[row, t, head] @ K[row, s, head] for s in range(p2)])
+        logits = logits * m.qk_scale
+        if rel_bias is not None:
+            logits = logits + rel_bias[head, t]
+        if mask is not None:
+            logits = logits + mask[row % mask.shape[0], t]
+        a = torch.softmax(logits, 0)
         out[row, t, head] = sum(a[s] * aligned[row, s, head] for s in range(p2))
     return out.reshape(b, p1, c)
 
@@ -337,3 +332,85 @@ def test_weightless_rmsnorm_gradients():
     x = torch.randn(4, 6, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: _RMSNormFunction.apply(t, None, None), (x,))
 
+
+def assert_matches_oracle(m, q, k, v, images, rel_bias=None, mask=None, atol=1e-9, **call):
+    """Output and the gradients of a random projection of it (w.r.t. q, k, v and the norm weights) equal
+    the oracle's, which autograd differentiates through the formulas."""
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    wrt = inputs + list(m.parameters())
+    out = m(*inputs, relative_position_bias=rel_bias, mask=mask, **call)
+    probe = torch.randn_like(out)
+    ours = torch.autograd.grad((out * probe).sum(), wrt)
+    expected = naive_ista2(m, *inputs, images, rel_bias, mask)
+    theirs = torch.autograd.grad((expected * probe).sum(), wrt)
+    assert torch.allclose(out, expected, atol=atol, rtol=0)
+    for name, a, b in zip(['q', 'k', 'v'] + [n for n, _ in m.named_parameters()], ours, theirs, strict=True):
+        assert torch.allclose(a, b, atol=atol, rtol=0), (name, (a - b).abs().max())
+
+
+@pytest.mark.parametrize('rep', list(REPS))
+@pytest.mark.parametrize('topk', [1, 2])
+@pytest.mark.parametrize('bs_ratio', [None, 0.5])
+def test_gradients_match_the_oracle(rep, topk, bs_ratio):
+    torch.manual_seed(2)
+    m = make(norm='rmsnorm', attn_inter_topk=topk, rep_tkn_type=rep, bs_ratio=bs_ratio, **ALIGN, **REPS[rep]).eval()
+    assert_matches_oracle(m, *qkv(p1=7), images=4)
+
+
+@pytest.mark.parametrize('topk', [1, 2])
+def test_swin_gradients_match_the_oracle(topk):
+    torch.manual_seed(3)
+    m = make(is_swin=True, norm='rmsnorm', attn_inter_topk=topk, rep_tkn_type='mean', **ALIGN)
+    tokens = 4
+    mask = torch.zeros(2, tokens, tokens)
+    mask[1, :2, 2:] = mask[1, 2:, :2] = -100.
+    assert_matches_oracle(m, *qkv(b=6, p1=tokens, p2=tokens), 3, torch.randn(2, tokens, tokens), mask)
+
+
+def test_chunks_cover_every_token_once_within_the_budget(monkeypatch):
+    for budget, rows, tokens, row_bytes in [(1, 12, 4, 8), (24, 12, 4, 8), (40, 12, 4, 8), (10 ** 9, 12, 4, 8),
+                                            (100, 35, 7, 10), (64, 35, 7, 10)]:
+        monkeypatch.setattr(ista2, 'CHUNK_BYTES', budget)
+        chunks = ista2._chunks(rows, tokens, row_bytes)
+        assert [i for a, b in chunks for i in range(a, b)] == list(range(rows))
+        for a, b in chunks:
+            assert (b - a) * row_bytes <= max(budget, row_bytes)
+            assert a // tokens == (b - 1) // tokens or (a % tokens == 0 and b % tokens == 0)
+
+
+@pytest.mark.parametrize('budget', [1, 1000, 5000])  # bytes: a token per chunk, parts of an image, whole images
+@pytest.mark.parametrize('rep, topk', [(None, 1), (None, 3), ('mean', 1), ('random', 2)])
+def test_the_torch_path_scores_in_bounded_chunks(monkeypatch, code_path, budget, rep, topk):
+    """Same results with any chunk size; no chunk of scores above the budget (or one token's scores)."""
+    monkeypatch.setattr(ista2, 'CHUNK_BYTES', budget)
+    sizes = []
+
+    def masked_scores(*args):
+        scores = masked_scores.wrapped(*args)
+        sizes.append((scores.numel() * scores.element_size(), scores.shape[0] * scores.shape[2] * 8))
+        return scores
+
+    masked_scores.wrapped = ista2._masked_scores
+    monkeypatch.setattr(ista2, '_masked_scores', masked_scores)
+    torch.manual_seed(4)
+    m = make(norm='rmsnorm', attn_inter_topk=topk, rep_tkn_type=rep, **ALIGN, **REPS[rep]).eval()
+    assert_matches_oracle(m, *qkv(p1=3, p2=9), images=4)
+    if code_path == 'torch' or topk > 1:
+        assert sizes and all(size <= max(budget, row) for size, row in sizes)
+
+
+@pytest.mark.parametrize('topk', [1, 3])
+def test_backward_keeps_no_scores(code_path, topk):
+    """What the alignment saves for the backward grows with the tokens, not with tokens x candidates."""
+    m = make(dim=8, heads=2, attn_inter_topk=topk, rep_tkn_type=None, **ALIGN)
+    v = torch.randn(6, 10, 8, requires_grad=True)  # 6 images of 10 tokens: 60 candidates per head
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = m._align(v)
+    assert max(saved) <= v.numel() * topk and sum(saved) <= (4 + 3 * topk) * v.numel()
+    out.sum().backward()
