@@ -1,0 +1,97 @@
+"""Train-step time of timm models patched with ISTA2 (published settings) against the same models unpatched.
+
+    python benchmarks/bench_timm_ista2.py [--models deit_tiny_patch16_224 vit_small_patch16_224] [--batch 16]
+                                          [--size 224] [--repeats 4] [--rounds 3]
+
+A step is forward, cross-entropy, backward and an AdamW update, in fp32 on the CPU (or on the GPU when there is
+one). The ISTA2 model is timm.create_model('<name>_ista2'): patch_timm with qk_norm, v_norm, ista2_method='v',
+attn_inter_topk=1, rep_tkn_type='mean'. Each round is a fresh process that builds both models and alternates
+their steps (after one warm-up step each), so that a machine shared with other work slows both alike; the ratio
+printed is the median, over all rounds, of each ISTA2 step's time over the time of the baseline step before it.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from common.runtime import tune_cpu  # noqa: E402
+
+TARGET = 1.10  # the ratio the patched model should stay within
+
+
+def worker(name, batch, size, repeats):
+    """One round: [(baseline seconds, ISTA2 seconds)] for `repeats` alternating steps, printed as JSON."""
+    import timm
+
+    import common.timm_ista2  # noqa: F401  (registers the <name>_ista2 models)
+    tune_cpu()  # as the trainers do, before any parallel op
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    images = torch.randn(batch, 3, size, size, device=device)
+    steps = []
+    for variant in (name, f'{name}_ista2'):
+        torch.manual_seed(0)
+        model = timm.create_model(variant, img_size=size).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        labels = torch.randint(0, model.num_classes, (batch,), device=device)
+        steps.append(make_step(model, optimizer, images, labels, device))
+    for step in steps:  # warm-up
+        step()
+    pairs = [[timed(step) for step in steps] for _ in range(repeats)]
+    print(json.dumps(pairs))
+
+
+def make_step(model, optimizer, images, labels, device):
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+    return step
+
+
+def timed(step):
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['deit_tiny_patch16_224', 'vit_small_patch16_224'],
+                        help='timm names with a registered <name>_ista2 (see common.timm_ista2.REGISTERED)')
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--repeats', type=int, default=4, help='timed steps of each model per round')
+    parser.add_argument('--rounds', type=int, default=3, help='processes per model')
+    parser.add_argument('--worker', nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        name, batch, size, repeats = args.worker
+        return worker(name, int(batch), int(size), int(repeats))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'
+    print(f'torch {torch.__version__}, {device}; batch {args.batch} at {args.size}px, train step (fwd+bwd+AdamW); '
+          f'{args.rounds} processes x {args.repeats} alternating steps per model')
+    print(f'{"model":30} {"base ms":>9} {"ista2 ms":>9} {"ratio":>7} {"min ratio":>9}')
+    for name in args.models:
+        pairs = []
+        for _ in range(args.rounds):
+            cmd = [sys.executable, __file__, '--worker', name, str(args.batch), str(args.size), str(args.repeats)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            pairs += json.loads(out.strip().splitlines()[-1])
+        base, ista2 = [p[0] for p in pairs], [p[1] for p in pairs]
+        ratio = statistics.median(b / a for a, b in pairs)
+        print(f'{name:30} {1e3 * statistics.median(base):9.1f} {1e3 * statistics.median(ista2):9.1f} {ratio:7.3f} '
+              f'{min(ista2) / min(base):9.3f}  ({"within" if ratio <= TARGET else "ABOVE"} the {TARGET:.2f} target)')
+
+
+if __name__ == '__main__':
+    main()
