@@ -106,6 +106,11 @@ def _rows(x):
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _distributed():
+    """Whether a process group of more than one rank exists."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def gather_from_ranks(x):
     """Concatenate ``x`` (m, ...) from every rank along dim 0, in rank order -> (world*m, ...).
 
@@ -389,10 +394,26 @@ class ISTA2(nn.Module):
         self.q_norm_layer = norm(dim) if self.qk_norm else nn.Identity()
         self.k_norm_layer = norm(dim) if self.qk_norm else nn.Identity()
         self.v_norm_layer = norm(dim) if self.v_norm else nn.Identity()
+        # eval_align='bank': a FIFO queue of the latest training representatives (every rank's, in rank
+        # order, so that all ranks hold the same), `bank_count` the rows queued so far; both saved in the
+        # state_dict, neither a parameter. Other models' state_dicts stay as they were.
+        self.collecting_bank = False  # set by `rebuild_banks`: align against the batch and fill the bank
+        self._warned_empty_bank = False
+        if self.eval_align == 'bank':
+            self.register_buffer('bank', torch.zeros(self.bank_size, dim))
+            self.register_buffer('bank_count', torch.zeros((), dtype=torch.long))
 
     def extra_repr(self):
+        bank = f', bank_size={self.bank_size}' if self.eval_align == 'bank' else ''
         return (f'dim={self.dim}, num_heads={self.num_heads}, ista2_method={self.ista2_method!r}, '
-                f'attn_inter_topk={self.attn_inter_topk}, rep_tkn_type={self.rep_tkn_type!r}')
+                f'attn_inter_topk={self.attn_inter_topk}, rep_tkn_type={self.rep_tkn_type!r}, '
+                f'eval_align={self.eval_align!r}{bank}')
+
+    def _alignment(self):
+        """What v is aligned against in this call: 'batch', 'bank' or 'off' (training: always 'batch')."""
+        if self.ista2_method is None:
+            return 'off'
+        return 'batch' if self.training or self.collecting_bank else self.eval_align
 
     def forward(self, q, k, v, real_b=None, relative_position_bias=None, mask=None):
         """q (b, p1, c), k/v (b, p2, c) -> (b, p1, c).
@@ -407,9 +428,11 @@ class ISTA2(nn.Module):
             raise ValueError(f'ISTA2: batch of {b} rows is not a multiple of the {mask.shape[0]} windows in mask')
         q, k = self._normalize_qk(q, k)
         v = self.v_norm_layer(v)
-        if self.ista2_method == 'v':
+        alignment = self._alignment()
+        if alignment != 'off':
             images = self._images_in_batch(b, real_b, mask)
-            v = self._align(v.reshape(images, -1, c)).view(b, p2, c)
+            align = self._align if alignment == 'batch' else self._align_to_bank
+            v = align(v.reshape(images, -1, c)).view(b, p2, c)
         q = q.view(b, p1, h, -1).transpose(1, 2)  # (b, h, p1, d)
         k = k.view(b, p2, h, -1).transpose(1, 2)
         v = v.view(b, p2, h, -1).transpose(1, 2)
@@ -494,12 +517,13 @@ class ISTA2(nn.Module):
         products [v.v, v.r for the k best r], per head.
         """
         m, tokens, c = v.shape
-        h, d = self.num_heads, c // self.num_heads
         reps = self._representatives(v)
-        offset = 0
-        if self.across_gpus and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        offset, gathered = 0, False
+        if self.across_gpus and _distributed():
             offset = dist.get_rank() * m
-            reps = gather_from_ranks(reps)
+            reps, gathered = gather_from_ranks(reps), True
+        if self.eval_align == 'bank':
+            self._update_bank(reps, gathered)
         n, reps_per_image = reps.shape[0], reps.shape[1]
         others = n - 1 if self.bs_ratio is None else math.ceil((n - 1) * self.bs_ratio)
         if others == 0:
@@ -512,6 +536,41 @@ class ISTA2(nn.Module):
         allowed = torch.ones(m, others + 1, reps_per_image, dtype=torch.bool, device=v.device)
         allowed[torch.arange(m, device=v.device), barred] = False
         allowed = allowed.flatten(1)  # (m, (others+1)*J)
+        return self._mix(v, candidates, allowed, topk)
+
+    @torch.no_grad()
+    def _update_bank(self, reps, gathered):
+        """Append the representatives (m, J, c) of this batch (of every rank's, in rank order, when a process
+        group exists) to the bank, dropping the oldest rows; no gradient, no host synchronisation."""
+        rows = reps.detach().flatten(0, 1)
+        if not gathered and _distributed():
+            rows = gather_from_ranks(rows)
+        total = rows.shape[0]
+        rows = rows[-self.bank_size:]  # the rows a queue of bank_size would keep of these
+        start = self.bank_count + (total - rows.shape[0])
+        index = (start + torch.arange(rows.shape[0], device=rows.device)) % self.bank_size
+        self.bank.index_copy_(0, index, rows.to(self.bank.dtype))
+        self.bank_count += total  # representative rows queued so far
+
+    def _align_to_bank(self, v):
+        """v (m, T, c) aligned as in `_align`, with every image's candidates the bank's rows: no image sees
+        another, so each output is that of the image alone. An empty bank aligns nothing (with a warning)."""
+        filled = min(int(self.bank_count), self.bank_size)
+        if filled == 0:
+            if not self._warned_empty_bank:
+                warnings.warn('ISTA2: the representative bank is empty (a checkpoint without one?), so this layer '
+                              'evaluates without alignment; refill it with common.ista2.rebuild_banks', stacklevel=2)
+                self._warned_empty_bank = True
+            return v
+        candidates = self.bank[:filled].to(v.dtype)
+        allowed = torch.ones(v.shape[0], filled, dtype=torch.bool, device=v.device)
+        return self._mix(v, candidates, allowed, min(self.attn_inter_topk, filled))
+
+    def _mix(self, v, candidates, allowed, topk):
+        """v (m, T, c), candidates (n, c), allowed (m, n) -> v' (m, T, c): per head, each token mixed with its
+        `topk` best allowed candidates by the softmax of the scaled scores, itself included."""
+        m, tokens, c = v.shape
+        h, d = self.num_heads, c // self.num_heads
         if topk == 1:
             return _AlignToBest.apply(v, candidates, allowed, h, self.v_scale)
 
@@ -525,3 +584,32 @@ class ISTA2(nn.Module):
         # softmax in fp32 at least, also under autocast
         weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
         return torch.addcmul((weights[..., 1:, None] * chosen).sum(-2), weights[..., :1], v_heads).view(m, tokens, c)
+
+
+def rebuild_banks(model, batches):
+    """Refill the representative bank of every ISTA2 layer of `model` with eval_align='bank' (e.g. after loading
+    a checkpoint without banks): the bank is emptied, then each batch of `batches` (an input tensor, or a
+    tuple/list whose first item is one: a training DataLoader) runs through the model frozen (eval mode, no
+    gradient: no dropout, no change to batch-norm statistics), every ISTA2 layer aligning against the batch as
+    in training and queueing its representatives. Run it on training images, on every rank when distributed
+    (each call exchanges the representatives). Returns the number of images that went through."""
+    banks = [m for m in model.modules() if isinstance(m, ISTA2) and m.eval_align == 'bank']
+    if not banks:
+        raise ValueError("rebuild_banks: the model has no ISTA2 layer with eval_align='bank'")
+    was_training, images = model.training, 0
+    model.eval()
+    for m in banks:
+        m.bank.zero_()
+        m.bank_count.zero_()
+        m.collecting_bank = True
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x.to(banks[0].bank.device))
+                images += x.shape[0]
+    finally:
+        for m in banks:
+            m.collecting_bank = False
+        model.train(was_training)
+    return images

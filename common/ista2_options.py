@@ -27,6 +27,7 @@ class UnknownOptionError(UserError, TypeError):
 NORM_TYPES = ('rmsnorm', 'layernorm')
 METHODS = (None, 'v')
 REP_TOKEN_TYPES = (None, 'cls', 'cls+bg', 'mean', 'random')
+EVAL_ALIGNS = ('batch', 'bank', 'off')
 
 
 def require(ok, option, value, valid):
@@ -106,6 +107,18 @@ def _optional_ratio(name, value, earlier):
     return None if value is None else _ratio(name, value)
 
 
+def _eval_align(name, value, earlier):
+    require(value in EVAL_ALIGNS, name, value, EVAL_ALIGNS)
+    require(value != 'bank' or earlier['ista2_method'] == 'v', name, value,
+            f"{EVAL_ALIGNS} ('bank' needs ista2_method='v')")
+    return value
+
+
+def _bank_size(name, value, earlier):
+    require(_is_int(value) and value >= 1, name, value, 'an int >= 1 (representative tokens kept per layer)')
+    return value
+
+
 # In checking order: a rule between options sits with the later one.
 OPTIONS = {
     'qk_norm': Option(False, 'normalise q and k (norm_type) over the full width, before the head split', _flag),
@@ -124,6 +137,11 @@ OPTIONS = {
     'bs_ratio': Option(None, 'the share in (0, 1] of the other images (first in pool order) that offer candidates; '
                              'None: all', _optional_ratio),
     'across_gpus': Option(False, "take candidates from every rank's batch (equal local batches needed)", _flag),
+    'eval_align': Option('batch', "what evaluation aligns against: 'batch' (the other images of the batch), 'bank' "
+                                  "(the layer's saved bank of training representatives) or 'off' (no alignment)",
+                         _eval_align),
+    'bank_size': Option(256, "with eval_align='bank': the representative tokens the bank keeps (a FIFO queue of "
+                             "the latest training batches', all ranks')", _bank_size),
 }
 
 

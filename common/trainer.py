@@ -199,9 +199,12 @@ def restore(model, path, ckpt_layout, log):
     state = checkpoint.model_state(ckpt, keys=(ckpt_layout.model_key,))
     bare = state is ckpt
     missing = checkpoint.load_weights(model, state, source=path, allowed_missing=ckpt_layout.tolerated_missing
-                                      + (('.ista2.',) if bare else ()))
+                                      + (('.ista2.',) if bare else ('.ista2.bank',)))
     if missing:
         log(f'{path} has no values for {len(missing)} keys, left as this model initialised them: {missing}')
+    if any('.ista2.bank' in k for k in missing):
+        log(f"{path} has no ISTA2 representative banks: they are empty, and layers with eval_align='bank' evaluate "
+            'without alignment until refilled from training images with common.ista2.rebuild_banks(model, loader)')
     return None if bare or not all(k in ckpt for k in ('optimizer', 'epoch')) else ckpt
 
 

@@ -18,10 +18,10 @@ from lib.models import build_model as build_cvt  # noqa: E402
 from models import build_model as build_swin  # noqa: E402
 from pvt_v2 import create_model  # noqa: E402
 
-# MODEL.ISTA2 as the config trees wrote it out before the schema existed
+# MODEL.ISTA2 as the config trees wrote it out before the schema existed, plus the options added since
 SWIN_NODE = dict(QK_NORM=False, V_NORM=False, NORM_TYPE='rmsnorm', ISTA2_METHOD=None, ATTN_INTER_TOPK=0,
                  REP_TKN_TYPE=None, REP_TKN_RATIO=None, CLS_TKN_IDX=None, BG_TKN_IDX=None, BS_RATIO=None,
-                 ACROSS_GPUS=False)
+                 ACROSS_GPUS=False, EVAL_ALIGN='batch', BANK_SIZE=256)
 CVT_NODE = {key: value for key, value in SWIN_NODE.items() if key not in ('CLS_TKN_IDX', 'BG_TKN_IDX')}
 SWIN_YAML = ROOT / 'SWIN' / 'classification' / 'configs' / 'swin_ista2' / 'swin_tiny_ista2_patch4_window7_224.yaml'
 SMALL_SWIN = ['DATA.IMG_SIZE', '32', 'MODEL.SWIN.WINDOW_SIZE', '4', 'MODEL.SWIN.EMBED_DIM', '24',
