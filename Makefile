@@ -16,7 +16,7 @@ venv: $(VENV)/.requirements
 
 test: venv
 	$(PY) -m ruff check common tests benchmarks PVT SWIN CVT
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: venv
 	cd PVT/classification && $(abspath $(PY)) demo.py
