@@ -1,7 +1,6 @@
 """Errors that are the user's to fix: each trainer reports them in one line and exits with status 2."""
 import glob
 import os
-import sys
 
 
 class UserError(Exception):
@@ -22,15 +21,6 @@ class ConfigKeyError(UserError, KeyError):
 
 class MissingPathError(UserError, FileNotFoundError):
     """A file or folder the user named that is not there."""
-
-
-def report_user_errors(main, *args):
-    """main(*args); a UserError becomes one line on stderr and exit status 2."""
-    try:
-        return main(*args)
-    except UserError as error:
-        print(f'error: {error}', file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 def require_config_file(path, folder, suffix):

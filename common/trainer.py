@@ -30,8 +30,8 @@ from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 
 from common import checkpoint, data, engine
-from common.errors import ConfigError
-from common.runtime import Runtime, init_runtime, seed_all
+from common.errors import ConfigError, UserError
+from common.runtime import Runtime, init_runtime, seed_all, shutdown
 
 # Evaluation protocols: the order of the validation set and the evaluation batch size. 'class-order' is
 # the reference protocol (ImageFolder order, so batches mostly hold one class); ISTA2 aligns each image
@@ -48,6 +48,18 @@ def resolve_protocol(protocol, option, shuffle=False, shuffle_option=None):
     if shuffle and protocol not in ('class-order', 'shuffled'):
         raise ConfigError(f'{shuffle_option} contradicts {option} {protocol}; drop one of them')
     return 'shuffled' if shuffle else protocol
+
+
+def run_cli(main, *args):
+    """A trainer script's entry point: main(*args), then leave the process group; a user error is one line on
+    stderr and exit status 2 (common.errors)."""
+    try:
+        result = main(*args)
+    except UserError as error:
+        print(f'error: {error}', file=sys.stderr, flush=True)
+        sys.exit(2)
+    shutdown()
+    return result
 
 
 @dataclass

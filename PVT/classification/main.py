@@ -19,8 +19,7 @@ from timm.scheduler.scheduler_factory import scheduler_kwargs
 from torchvision import datasets
 
 from common import checkpoint, data, trainer
-from common.errors import ConfigError, ConfigKeyError, report_user_errors, require_config_file
-from common.runtime import shutdown
+from common.errors import ConfigError, ConfigKeyError, require_config_file
 
 from pvt_v2 import create_model
 
@@ -251,10 +250,8 @@ def cli(argv=None):
     args = parser.parse_args(argv)
     apply_config(args, parser, argv)
     check_unused(args)
-    result = main(args)
-    shutdown()
-    return result
+    return main(args)
 
 
 if __name__ == '__main__':
-    report_user_errors(cli)
+    trainer.run_cli(cli)

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from common import checkpoint, data, trainer
-from common.errors import ConfigError, report_user_errors, require_config_file
-from common.runtime import shutdown
+from common.errors import ConfigError, require_config_file
 
 from config import get_config
 from models import build_model
@@ -197,10 +196,8 @@ def cli(argv=None):
     """The command line: parse, build the config, run; returns the run's result."""
     _, config = parse_option(argv)
     check_supported(config)
-    result = main(config)
-    shutdown()
-    return result
+    return main(config)
 
 
 if __name__ == '__main__':
-    report_user_errors(cli)
+    trainer.run_cli(cli)

@@ -10,8 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import trainer  # noqa: E402
-from common.errors import ConfigError, report_user_errors  # noqa: E402
-from common.runtime import shutdown  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 
 from lib import runner  # noqa: E402
 from lib.models import build_model  # noqa: E402
@@ -22,10 +21,8 @@ def main():
     if config.TEST.MODEL_FILE and not config.TEST.MODEL_FILE.endswith('.pth'):
         raise ConfigError(f'TEST.MODEL_FILE {config.TEST.MODEL_FILE!r} must be a .pth file')
     train_set, val_set = runner.datasets(config)
-    result = trainer.evaluate(session, build_model(config), runner.recipe(config, session, train_set, val_set, 'test'))
-    shutdown()
-    return result
+    return trainer.evaluate(session, build_model(config), runner.recipe(config, session, train_set, val_set, 'test'))
 
 
 if __name__ == '__main__':
-    report_user_errors(main)
+    trainer.run_cli(main)

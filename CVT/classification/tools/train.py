@@ -11,8 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import checkpoint, trainer  # noqa: E402
-from common.errors import ConfigError, report_user_errors  # noqa: E402
-from common.runtime import shutdown  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 
 from lib import runner  # noqa: E402
 from lib.models import build_model, cls_cvt  # noqa: E402
@@ -36,10 +35,8 @@ def main():
         state = {k: v for k, v in state.items() if layers[0] == '*' or k.split('.')[0] in layers}
         missing = checkpoint.load_weights(model, state, strict=False, source=config.MODEL.PRETRAINED)
         session.log(f'=> initialised from {config.MODEL.PRETRAINED}; not in it: {missing}')
-    result = trainer.train(session, model, runner.recipe(config, session, train_set, val_set, 'train'))
-    shutdown()
-    return result
+    return trainer.train(session, model, runner.recipe(config, session, train_set, val_set, 'train'))
 
 
 if __name__ == '__main__':
-    report_user_errors(main)
+    trainer.run_cli(main)
