@@ -128,7 +128,7 @@ class EvaAttention(_Patched, eva.EvaAttention):
 
     def forward(self, x, rope=None, attn_mask=None):
         if attn_mask is not None:
-            raise NotImplementedError('patch_timm: EvaAttention with an attn_mask (token padding) is not supported')
+            raise UnsupportedModelError('patch_timm: EvaAttention with an attn_mask (token padding) is not supported')
         if self.qkv is not None:
             q, k, v = _fused_qkv(self, x)
         else:
@@ -287,7 +287,7 @@ class _WithBackgroundToken:
     """The class of a 'cls+bg' model: its blocks between the first and the last see one extra leading token."""
 
     def forward_intermediates(self, *args, **kwargs):
-        raise NotImplementedError("patch_timm: forward_intermediates (and features_only) of a model patched with "
+        raise UnsupportedModelError("patch_timm: forward_intermediates (and features_only) of a model patched with "
                                   "rep_tkn_type='cls+bg' would return the background token as a patch token; "
                                   "use 'mean' or 'cls' for feature extraction")
 

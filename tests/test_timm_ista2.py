@@ -157,7 +157,7 @@ def test_class_token_representatives(family):
     with torch.no_grad():
         out = model(x)
     assert out.shape == base(x).shape  # and the head sees the model's own tokens
-    with pytest.raises(NotImplementedError, match='background token'):
+    with pytest.raises(timm_ista2.UnsupportedModelError, match='background token'):
         model.forward_intermediates(x)  # its blocks' outputs hold one token more than the model expects
     assert len(cls.forward_intermediates(x, indices=1, intermediates_only=True)) == 1
     model.train()
