@@ -21,7 +21,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 from common.runtime import tune_cpu  # noqa: E402
+
+from measure import add_step_args, device_name, train_step  # noqa: E402
 
 TARGET = 1.10  # the ratio the patched model should stay within
 
@@ -40,22 +43,11 @@ def worker(name, batch, size, repeats):
         model = timm.create_model(variant, img_size=size).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         labels = torch.randint(0, model.num_classes, (batch,), device=device)
-        steps.append(make_step(model, optimizer, images, labels, device))
+        steps.append(train_step(model, optimizer, images, labels))
     for step in steps:  # warm-up
         step()
     pairs = [[timed(step) for step in steps] for _ in range(repeats)]
     print(json.dumps(pairs))
-
-
-def make_step(model, optimizer, images, labels, device):
-    def step():
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-    return step
 
 
 def timed(step):
@@ -68,17 +60,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['deit_tiny_patch16_224', 'vit_small_patch16_224'],
                         help='timm names with a registered <name>_ista2 (see common.timm_ista2.REGISTERED)')
-    parser.add_argument('--batch', type=int, default=16)
-    parser.add_argument('--size', type=int, default=224)
-    parser.add_argument('--repeats', type=int, default=4, help='timed steps of each model per round')
-    parser.add_argument('--rounds', type=int, default=3, help='processes per model')
-    parser.add_argument('--worker', nargs=4, help=argparse.SUPPRESS)
+    add_step_args(parser, repeats=4)
     args = parser.parse_args()
     if args.worker:
         name, batch, size, repeats = args.worker
         return worker(name, int(batch), int(size), int(repeats))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'
-    print(f'torch {torch.__version__}, {device}; batch {args.batch} at {args.size}px, train step (fwd+bwd+AdamW); '
+    print(f'torch {torch.__version__}, {device_name()}; batch {args.batch} at {args.size}px, '
+          f'train step (fwd+bwd+AdamW); '
           f'{args.rounds} processes x {args.repeats} alternating steps per model')
     print(f'{"model":30} {"base ms":>9} {"ista2 ms":>9} {"ratio":>7} {"min ratio":>9}')
     for name in args.models:

@@ -16,7 +16,7 @@ sys.path.insert(0, HERE)
 from common.backbones import BACKBONES, config_name  # noqa: E402
 from common.runtime import tune_cpu  # noqa: E402
 
-from measure import compare, report, time_step  # noqa: E402
+from measure import add_step_args, compare, device_name, report, time_step, train_step  # noqa: E402
 
 # config name -> (backbone, config file) for the paper's models; baseline name -> ISTA2 name
 CONFIGS = {config_name(config): (backbone, config) for backbone, entry in BACKBONES.items()
@@ -34,16 +34,7 @@ def worker(name, batch, size, repeats):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-
-    def step():
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-
-    result = time_step(step, repeats)
+    result = time_step(train_step(model, optimizer, images, labels), repeats)
     if device.type == 'cuda':
         result['peak_mib'] = torch.cuda.max_memory_allocated() / 2 ** 20
     report(result)
@@ -52,17 +43,13 @@ def worker(name, batch, size, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--pairs', nargs='+', default=list(PAIRS), choices=list(PAIRS), help='baseline names')
-    parser.add_argument('--batch', type=int, default=16)
-    parser.add_argument('--size', type=int, default=224)
-    parser.add_argument('--repeats', type=int, default=5, help='timed steps per process')
-    parser.add_argument('--rounds', type=int, default=3, help='processes per variant, alternating')
-    parser.add_argument('--worker', nargs=4, help=argparse.SUPPRESS)
+    add_step_args(parser, repeats=5)
     args = parser.parse_args()
     if args.worker:
         name, batch, size, repeats = args.worker
         return worker(name, int(batch), int(size), int(repeats))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'
-    print(f'torch {torch.__version__}, {device}; batch {args.batch} at {args.size}px, train step (fwd+bwd+AdamW), '
+    print(f'torch {torch.__version__}, {device_name()}; batch {args.batch} at {args.size}px, '
+          f'train step (fwd+bwd+AdamW), '
           f'median over {args.rounds} alternating processes of the median of {args.repeats} steps')
     print(f'{"model":36} {"step ms":>9} {"peak MiB":>9} {"time x":>7} {"mem x":>7}')
     for baseline in args.pairs:

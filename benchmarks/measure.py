@@ -1,10 +1,37 @@
 """Timing and peak-memory helpers for the benchmark scripts (each variant runs in its own process)."""
+import argparse
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+import torch
+
+
+def add_step_args(parser, repeats):
+    """The options of a train-step benchmark, and the hidden --worker NAME BATCH SIZE REPEATS of its processes."""
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--repeats', type=int, default=repeats, help='timed steps per process')
+    parser.add_argument('--rounds', type=int, default=3, help='processes per model, alternating')
+    parser.add_argument('--worker', nargs=4, help=argparse.SUPPRESS)
+
+
+def device_name():
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'
+
+
+def train_step(model, optimizer, images, labels):
+    """A callable: forward, cross-entropy, backward and an optimizer update (synchronised on CUDA)."""
+    def step():
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if images.is_cuda:
+            torch.cuda.synchronize()
+    return step
 
 
 def current_rss_mib():
