@@ -3,17 +3,23 @@
     python benchmarks/cifar_study.py --data /tmp/cifar10 [--backbones pvt swin cvt] [--seeds 0 1]
         [--epochs N] [--nproc 1] [--workdir /tmp/ista2-study]
 
-For each backbone, its baseline/ISTA2 CIFAR-10 config pair (common/backbones.py) is trained through
-the backbone's real launcher (common/launch.py), once per seed, and every trained model is
-evaluated under each of the trainers' protocols (common/trainer.py PROTOCOLS): the reference one,
-validation images in class order with the trainer's evaluation batch; the same images in one
-shuffled order (seed 0); batch size 1, where ISTA2 has no other image to align with. Prints top-1
-(mean and spread over seeds) from the runs' structured results.
+For each backbone, the baseline config and the ISTA2 config with eval_align='bank' (common/backbones.py:
+its training is that of the plain ISTA2 config; the bank only changes evaluation) are trained through the
+backbone's real launcher (common/launch.py), once per seed. Each trained ISTA2 model is evaluated aligning
+against the batch (the reference), its bank as training left it, its bank rebuilt from training images by
+the trainer's own command, and nothing ('off'); every model under each of the trainers' protocols
+(common/trainer.py PROTOCOLS): validation images in class order with the trainer's evaluation batch (the
+reference protocol), the same images in one shuffled order, and batch size 1. Prints top-1 (mean and
+half-range over seeds), evaluation seconds and peak memory per protocol, and what the bank costs; writes
+every figure to <workdir>/results.json. Rerunning skips finished trainings (they resume as done).
 """
 import argparse
+import json
 import os
 import statistics
 import time
+
+import torch
 
 from common import launch
 from common.backbones import BACKBONES, config_name
@@ -21,22 +27,89 @@ from common.trainer import PROTOCOLS
 
 CONFIG_WARMUP_EPOCHS = 3  # what every CIFAR-10 config sets; capped below a shorter --epochs
 EVAL_SEED = 0  # fixes the one shuffled order, the same for every model
+# evaluations of an ISTA2 model: row name -> (eval_align, whether to use the rebuilt bank)
+ISTA2_EVALUATIONS = {'batch': ('batch', False), 'bank': ('bank', False), 'bank, rebuilt': ('bank', True),
+                     'off': ('off', False)}
 
 
-def train_and_evaluate(backbone, config, seed, args, out):
-    """Train `config` with `seed` into `out`; returns (minutes of training, {protocol: top-1})."""
+def train(backbone, config, seed, args, out):
+    """Train `config` with `seed` into `out`; returns (the run's result, minutes)."""
     warmup = min(CONFIG_WARMUP_EPOCHS, args.epochs - 1) if args.epochs else None
     job = launch.Job(config, args.data, out, epochs=args.epochs, warmup_epochs=warmup, batch_size=args.batch_size,
                      seed=seed, workers=args.workers)
     start = time.time()
-    trained = launch.run(backbone, job, args.nproc, log=os.path.join(out, 'train.log'))['weights']
-    minutes = (time.time() - start) / 60
-    accuracy = {}
+    result = launch.run(backbone, job, args.nproc, log=os.path.join(out, 'train.log'))
+    return result, (time.time() - start) / 60
+
+
+def evaluate(backbone, config, weights, args, out, name, eval_align=None):
+    """{protocol: the evaluation's result} for `weights` under every protocol."""
+    results = {}
     for protocol in PROTOCOLS:
-        evaluation = launch.Job(config, args.data, os.path.join(out, 'eval'), evaluate=True, checkpoint=trained,
-                                protocol=protocol, batch_size=args.batch_size, seed=EVAL_SEED, workers=args.workers)
-        accuracy[protocol] = launch.run(backbone, evaluation, log=os.path.join(out, f'eval-{protocol}.log'))['acc1']
-    return minutes, accuracy
+        job = launch.Job(config, args.data, os.path.join(out, 'eval'), evaluate=True, checkpoint=weights,
+                         protocol=protocol, eval_align=eval_align, batch_size=args.batch_size, seed=EVAL_SEED,
+                         workers=args.workers)
+        results[protocol] = launch.run(backbone, job, log=os.path.join(out, f'eval-{name}-{protocol}.log'))
+    return results
+
+
+def bank_values(weights):
+    """How many numbers the checkpoint's ISTA2 banks hold (every layer's bank, bank_count excluded)."""
+    state = torch.load(weights, map_location='cpu', weights_only=True)
+    state = state.get('model', state.get('state_dict', state))
+    return sum(v.numel() for k, v in state.items() if k.endswith('.ista2.bank'))
+
+
+def run_seed(backbone, args, seed):
+    """Train both models of `backbone` with `seed` and evaluate them -> {row: figures}."""
+    entry, rows = BACKBONES[backbone], {}
+    baseline, ista2 = entry.cifar[0], entry.cifar_bank
+    out = os.path.join(args.workdir, backbone, config_name(baseline), f'seed{seed}')
+    os.makedirs(out, exist_ok=True)
+    result, minutes = train(backbone, baseline, seed, args, out)
+    rows[config_name(baseline)] = dict(evaluations=evaluate(backbone, baseline, result['weights'], args, out, 'plain'),
+                                       train_minutes=minutes, parameters=result['n_parameters'])
+    out = os.path.join(args.workdir, backbone, config_name(ista2), f'seed{seed}')
+    os.makedirs(out, exist_ok=True)
+    result, minutes = train(backbone, ista2, seed, args, out)
+    rebuilt = launch.run(backbone, launch.Job(ista2, args.data, out, rebuild_bank=True, checkpoint=result['weights'],
+                                              batch_size=args.batch_size, seed=seed, workers=args.workers),
+                         log=os.path.join(out, 'rebuild-bank.log'))
+    for row, (eval_align, use_rebuilt) in ISTA2_EVALUATIONS.items():
+        weights = rebuilt['checkpoint'] if use_rebuilt else result['weights']
+        rows[f'{config_name(ista2)} [{row}]'] = dict(
+            evaluations=evaluate(backbone, ista2, weights, args, out, row.replace(', ', '-'), eval_align),
+            train_minutes=minutes, parameters=result['n_parameters'], bank_values=bank_values(weights),
+            rebuild_images=rebuilt['images'] if use_rebuilt else None)
+    return rows
+
+
+def spread(values):
+    return f'{statistics.mean(values):6.2f} ± {(max(values) - min(values)) / 2:4.2f}'
+
+
+def print_tables(results, seeds):
+    names = list(next(iter(results.values())))
+    print(f'\ntop-1 (%) on CIFAR-10 val, mean ± half-range over seeds {seeds}; ISTA2 rows: one trained model per seed, '
+          'evaluated aligning against [what]')
+    print(f'{"model [eval_align]":42} ' + ' '.join(f'{p:>15}' for p in PROTOCOLS) + f' {"train min":>10}')
+    for name in names:
+        per_seed = [results[s][name] for s in seeds]
+        cells = [spread([r['evaluations'][p]['acc1'] for r in per_seed]) for p in PROTOCOLS]
+        minutes = statistics.mean(r['train_minutes'] for r in per_seed)
+        print(f'{name:42} ' + ' '.join(f'{c:>15}' for c in cells) + f' {minutes:10.1f}')
+    print('\nevaluation cost, mean over seeds: seconds for the 10,000 images / peak process memory (MiB; CUDA: '
+          'allocated), per protocol; parameters; bank size')
+    print(f'{"model [eval_align]":42} ' + ' '.join(f'{p:>17}' for p in PROTOCOLS) + f' {"params":>10} {"bank":>16}')
+    for name in names:
+        per_seed = [results[s][name] for s in seeds]
+        cells = [f'{statistics.mean(r["evaluations"][p]["seconds"] for r in per_seed):6.1f} s / '
+                 f'{statistics.mean(r["evaluations"][p]["peak_memory_mib"] for r in per_seed):4.0f}'
+                 for p in PROTOCOLS]
+        bank = per_seed[0].get('bank_values') or 0
+        bank_cell = f'{bank:,} ({bank * 4 / 2 ** 20:.2f} MiB)' if bank else '-'
+        print(f'{name:42} ' + ' '.join(f'{c:>17}' for c in cells) + f' {per_seed[0]["parameters"]:>10,} '
+              f'{bank_cell:>16}')
 
 
 def main():
@@ -51,26 +124,17 @@ def main():
     parser.add_argument('--workdir', default='/tmp/ista2-study')
     args = parser.parse_args()
     args.data, args.workdir = os.path.abspath(args.data), os.path.abspath(args.workdir)
-    rows = []
+    results = {seed: {} for seed in args.seeds}
     for backbone in args.backbones:
-        for config in BACKBONES[backbone].cifar:
-            name = config_name(config)
-            accuracy = {p: [] for p in PROTOCOLS}
-            minutes = []
-            for seed in args.seeds:
-                out = os.path.join(args.workdir, backbone, name, f'seed{seed}')
-                os.makedirs(out, exist_ok=True)
-                train_minutes, seed_accuracy = train_and_evaluate(backbone, config, seed, args, out)
-                minutes.append(train_minutes)
-                for protocol, acc1 in seed_accuracy.items():
-                    accuracy[protocol].append(acc1)
-                print(f'{name} seed {seed}: ' + ', '.join(f'{p} {a:.2f}' for p, a in seed_accuracy.items()), flush=True)
-            rows.append((name, accuracy, statistics.mean(minutes)))
-    print(f'\ntop-1 (%) on CIFAR-10 val, mean ± half-range over seeds {args.seeds}')
-    print(f'{"config":36} ' + ' '.join(f'{p:>15}' for p in PROTOCOLS) + f' {"train min":>10}')
-    for name, accuracy, minutes in rows:
-        cells = [f'{statistics.mean(a):6.2f} ± {(max(a) - min(a)) / 2:5.2f}' for a in accuracy.values()]
-        print(f'{name:36} ' + ' '.join(f'{c:>15}' for c in cells) + f' {minutes:10.1f}')
+        for seed in args.seeds:
+            rows = run_seed(backbone, args, seed)
+            results[seed].update(rows)
+            for name, row in rows.items():
+                top1 = ', '.join(f'{p} {e["acc1"]:.2f}' for p, e in row['evaluations'].items())
+                print(f'{name} seed {seed}: {top1}', flush=True)
+    with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
+        json.dump({'settings': vars(args), 'results': results}, f, indent=1)
+    print_tables(results, args.seeds)
 
 
 if __name__ == '__main__':

@@ -559,7 +559,8 @@ class ISTA2(nn.Module):
         if filled == 0:
             if not self._warned_empty_bank:
                 warnings.warn('ISTA2: the representative bank is empty (a checkpoint without one?), so this layer '
-                              'evaluates without alignment; refill it with common.ista2.rebuild_banks', stacklevel=2)
+                              "evaluates without alignment; rebuild it with the trainer's bank command "
+                              '(docs/method.md)', stacklevel=2)
                 self._warned_empty_bank = True
             return v
         candidates = self.bank[:filled].to(v.dtype)
@@ -588,11 +589,11 @@ class ISTA2(nn.Module):
 
 def rebuild_banks(model, batches):
     """Refill the representative bank of every ISTA2 layer of `model` with eval_align='bank' (e.g. after loading
-    a checkpoint without banks): the bank is emptied, then each batch of `batches` (an input tensor, or a
-    tuple/list whose first item is one: a training DataLoader) runs through the model frozen (eval mode, no
-    gradient: no dropout, no change to batch-norm statistics), every ISTA2 layer aligning against the batch as
-    in training and queueing its representatives. Run it on training images, on every rank when distributed
-    (each call exchanges the representatives). Returns the number of images that went through."""
+    a checkpoint without banks): the bank is emptied, then the batches of `batches` (input tensors, or
+    tuples/lists whose first item is one: a DataLoader of training images) run through the model frozen (eval
+    mode, no gradient: no dropout, no change to batch-norm statistics), every ISTA2 layer aligning against the
+    batch as in training and queueing its representatives, until every bank is full. Run it on every rank when
+    distributed, with equal batches (each call exchanges the representatives). Returns the images used."""
     banks = [m for m in model.modules() if isinstance(m, ISTA2) and m.eval_align == 'bank']
     if not banks:
         raise ValueError("rebuild_banks: the model has no ISTA2 layer with eval_align='bank'")
@@ -608,6 +609,8 @@ def rebuild_banks(model, batches):
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 model(x.to(banks[0].bank.device))
                 images += x.shape[0]
+                if all(int(m.bank_count) >= m.bank_size for m in banks):  # equal on every rank: all stop together
+                    break
     finally:
         for m in banks:
             m.collecting_bank = False

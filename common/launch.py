@@ -25,8 +25,10 @@ class Job:
     data: str
     output: str  # the run's output folder (the trainer makes its own run folder inside, if it does)
     evaluate: bool = False
-    checkpoint: str | None = None  # evaluation: the weights (default: the trainer's own choice in `output`)
+    rebuild_bank: bool = False  # refill the checkpoint's ISTA2 banks (common.trainer.rebuild_bank) instead
+    checkpoint: str | None = None  # evaluation, bank rebuild: the weights (default: the trainer's choice in `output`)
     protocol: str | None = None  # a name in common.trainer.PROTOCOLS
+    eval_align: str | None = None  # ISTA2's eval_align, replacing the config's ('batch', 'bank' or 'off')
     epochs: int | None = None
     warmup_epochs: int | None = None
     batch_size: int | None = None  # per process; the trainer derives its evaluation batch from it as usual
@@ -49,8 +51,10 @@ def words(name, value):
 def command(backbone, job, nproc=1, port=0, python='python'):
     """The backbone's own command line for `job`, as a list of words; `python` names the interpreter."""
     entry = BACKBONES[backbone]
-    if job.checkpoint and not job.evaluate:
+    if job.checkpoint and not (job.evaluate or job.rebuild_bank):
         raise ValueError('Job.checkpoint names the weights to evaluate; training resumes from its output folder')
+    if job.evaluate and job.rebuild_bank:
+        raise ValueError('Job: evaluate or rebuild_bank, not both')
     settings = {}
     for setting, names in entry.names.items():
         value = getattr(job, setting)
@@ -61,8 +65,8 @@ def command(backbone, job, nproc=1, port=0, python='python'):
     keys = [w for name, value in settings.items() if not name.startswith('-') for w in words(name, value)]
     if keys and entry.keys_after is None:
         raise ValueError(f'{entry.title} takes no config keys on its command line: {keys[::2]}')
-    launcher = [w.format(python=python, nproc=nproc, port=port)
-                for w in entry.commands['evaluate' if job.evaluate else 'train']]
+    action = 'evaluate' if job.evaluate else 'rebuild_bank' if job.rebuild_bank else 'train'
+    launcher = [w.format(python=python, nproc=nproc, port=port) for w in entry.commands[action]]
     return launcher + flags + ([*entry.keys_after, *keys] if keys else [])
 
 

@@ -12,10 +12,12 @@ Nothing here asks which backbone it serves: what differs (data transforms, optim
 scheduler settings in timm's vocabulary, when the scheduler steps, checkpoint file and key names,
 log formats) comes in the Recipe.
 """
+import copy
 import datetime
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from common import checkpoint, data, engine
 from common.errors import ConfigError, UserError
@@ -197,26 +200,38 @@ def pin(session, recipe):
 
 
 def validate(session, model, loader, recipe, amp):
+    start = time.time()
     stats = engine.evaluate(model, loader, session.runtime.device, amp=amp, sharded=recipe.eval_sharded,
                             print_freq=recipe.print_freq, echo=session.log)
     for line in recipe.summary(stats):
         session.log(line)
-    return {**stats, 'protocol': recipe.protocol}
+    return {**stats, 'protocol': recipe.protocol, 'seconds': time.time() - start}
 
 
-def restore(model, path, ckpt_layout, log):
+BANK_KEYS = ('.ista2.bank',)  # ISTA2's representative banks (bank, bank_count): evaluation state, not weights
+
+
+def restore(model, path, recipe, log):
     """Load the weights at `path` into `model`, strictly; returns the checkpoint if it also holds a
-    training state. A bare state_dict (a released checkpoint) may lack ISTA2's norms."""
+    training state. A bare state_dict (a released checkpoint) may lack ISTA2's norms. ISTA2's banks
+    may be missing (they are rebuilt by the trainer's bank command) or extra (a model that does not
+    evaluate against a bank leaves them out); both are reported."""
     ckpt = checkpoint.load(path)
-    state = checkpoint.model_state(ckpt, keys=(ckpt_layout.model_key,))
+    state = checkpoint.model_state(ckpt, keys=(recipe.checkpoints.model_key,))
     bare = state is ckpt
-    missing = checkpoint.load_weights(model, state, source=path, allowed_missing=ckpt_layout.tolerated_missing
-                                      + (('.ista2.',) if bare else ('.ista2.bank',)))
+    own = model.state_dict()
+    unused = [k for k in state if k not in own and any(p in k for p in BANK_KEYS)]
+    if unused:
+        log(f"{path} holds ISTA2 representative banks ({len(unused)} tensors) that this model does not use: its "
+            f"ISTA2 layers evaluate with eval_align other than 'bank' ({recipe.name('eval_align')})")
+        state = {k: v for k, v in state.items() if k not in unused}
+    missing = checkpoint.load_weights(model, state, source=path, allowed_missing=recipe.checkpoints.tolerated_missing
+                                      + (('.ista2.',) if bare else BANK_KEYS))
     if missing:
         log(f'{path} has no values for {len(missing)} keys, left as this model initialised them: {missing}')
-    if any('.ista2.bank' in k for k in missing):
-        log(f"{path} has no ISTA2 representative banks: they are empty, and layers with eval_align='bank' evaluate "
-            'without alignment until refilled from training images with common.ista2.rebuild_banks(model, loader)')
+    if any(p in k for k in missing for p in BANK_KEYS):
+        log(f"{path} has no ISTA2 representative banks: layers with eval_align='bank' evaluate without alignment "
+            f"until the banks are rebuilt from training images: {recipe.name('rebuild_bank')}")
     return None if bare or not all(k in ckpt for k in ('optimizer', 'epoch')) else ckpt
 
 
@@ -245,23 +260,70 @@ def report(result):
     return result
 
 
+def checkpoint_to_evaluate(recipe):
+    """The checkpoint evaluation reads: the one named, else the folder's eval_file."""
+    layout = recipe.checkpoints
+    if layout.resume:
+        return named_checkpoint(layout.resume, recipe)
+    in_folder = os.path.join(layout.folder, layout.eval_file) if layout.folder else None
+    if in_folder and os.path.isfile(in_folder):
+        return in_folder
+    raise ConfigError(f'{recipe.name("evaluate")} needs a checkpoint: {recipe.name("resume")} PATH, or '
+                      f'{recipe.name("folder")} holding {layout.eval_file}')
+
+
 def evaluate(session, model, recipe):
     """Evaluate the recipe's checkpoint (named, or the folder's eval_file) under its protocol."""
-    ckpt_layout = recipe.checkpoints
     check_numbers(recipe, training=False)
-    in_folder = os.path.join(ckpt_layout.folder, ckpt_layout.eval_file) if ckpt_layout.folder else None
-    if ckpt_layout.resume:
-        path = named_checkpoint(ckpt_layout.resume, recipe)
-    elif in_folder and os.path.isfile(in_folder):
-        path = in_folder
-    else:
-        raise ConfigError(f'{recipe.name("evaluate")} needs a checkpoint: {recipe.name("resume")} PATH, or '
-                          f'{recipe.name("folder")} holding {ckpt_layout.eval_file}')
-    restore(model, path, ckpt_layout, session.log)
+    path = checkpoint_to_evaluate(recipe)
+    restore(model, path, recipe, session.log)
     session.log(f'=> loaded {path}')
     model.to(session.runtime.device)
     stats = validate(session, model, eval_loader(session, recipe), recipe, recipe.eval_amp)
-    return report({'checkpoint': path, **stats})
+    return report({'checkpoint': path, **stats, 'peak_memory_mib': peak_memory_mib(session.runtime.device)})
+
+
+def peak_memory_mib(device):
+    """The process's peak memory so far: CUDA memory allocated on `device`, or on the CPU the peak resident set."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # KiB on Linux
+
+
+def rebuild_bank(session, model, recipe):
+    """Refill the ISTA2 representative banks of the recipe's checkpoint (as `evaluate` picks it) from training
+    images, through the frozen model (evaluation transform, one seeded order, every rank its share), until
+    every bank is full or the images run out; write the checkpoint with its new banks as <name>_bank.pth into
+    the run's folder (beside the source without one), leaving the source as it was."""
+    from common.ista2 import ISTA2, rebuild_banks
+    check_numbers(recipe, training=False)
+    layers = [m for m in model.modules() if isinstance(m, ISTA2) and m.eval_align == 'bank']
+    if not layers:
+        raise ConfigError(f"{recipe.name('rebuild_bank')}: this model has no ISTA2 layer with eval_align='bank'; set "
+                          f"{recipe.name('eval_align')} to bank")
+    path = checkpoint_to_evaluate(recipe)
+    ckpt = checkpoint.load(path)
+    restore(model, path, recipe, session.log)
+    runtime = session.runtime
+    model.to(runtime.device)
+    images = copy.copy(recipe.train_set)
+    images.transform = recipe.val_set.transform
+    # every rank the same number of equal batches (padded), as each forward exchanges representatives
+    sampler = DistributedSampler(images, runtime.world_size, runtime.rank, shuffle=True, seed=recipe.seed)
+    loader = data.loader(images, sampler, recipe.eval_batch_size, recipe.workers, pin(session, recipe), False)
+    with engine.autocast(runtime.device, recipe.eval_amp):
+        seen = rebuild_banks(model, loader)
+    filled = min(min(int(m.bank_count), m.bank_size) / m.bank_size for m in layers)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    out = os.path.join(recipe.checkpoints.folder or os.path.dirname(path), f'{stem}_bank{ext or ".pth"}')
+    if runtime.is_main:
+        key = recipe.checkpoints.model_key
+        bare = checkpoint.model_state(ckpt, keys=(key,)) is ckpt
+        checkpoint.save_atomic(model.state_dict() if bare else {**ckpt, key: model.state_dict()}, out)
+    session.log(f'{out}: the banks of {len(layers)} ISTA2 layers rebuilt from {seen} training images '
+                f'({filled:.0%} of the smallest bank filled); {path} is unchanged. Evaluate it with '
+                f'{recipe.name("evaluate")} and {recipe.name("resume")} {out}')
+    return report({'checkpoint': out, 'source': path, 'images': seen, 'layers': len(layers), 'filled': filled})
 
 
 def train(session, model, recipe):
@@ -302,7 +364,7 @@ def train(session, model, recipe):
     start, best, resumed = recipe.start_epoch, 0.0, False
     path = resume_path(ckpt_layout, recipe, log)
     if path:
-        ckpt = restore(bare_model, path, ckpt_layout, log)
+        ckpt = restore(bare_model, path, recipe, log)
         if ckpt is not None:
             optimizer.load_state_dict(ckpt['optimizer'])
             if 'lr_scheduler' in ckpt:
@@ -420,7 +482,8 @@ class JsonLines:
 
     def __call__(self, epoch, train_stats, test_stats):
         record = {**{f'train_{k}': v for k, v in train_stats.items()},
-                  **{f'test_{k}': v for k, v in (test_stats or {}).items() if k not in ('images', 'protocol')},
+                  **{f'test_{k}': v for k, v in (test_stats or {}).items()
+                     if k not in ('images', 'protocol', 'seconds')},
                   'epoch': epoch, **self.constant}
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')

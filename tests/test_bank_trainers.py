@@ -46,40 +46,85 @@ def test_two_gloo_ranks_hold_the_same_bank_of_both_ranks_representatives(tmp_pat
 
 BANK_KEYS = {'pvt': 'block1.0.attn.ista2.bank', 'swin': 'layers.0.blocks.0.attn.ista2.bank',
              'cvt': 'stage0.blocks.0.attn.ista2.bank'}
+PVT_BANK = ("cfg = dict(model='pvt_v2_b0', ista2_args=dict(qk_norm=True, v_norm=True, ista2_method='v', "
+            "attn_inter_topk=1, rep_tkn_type='mean', eval_align='bank', bank_size=16))\n")
 
 
-def trainer_run(name, data, tmp_path):
-    """Train the small model of trainer `name` with eval_align='bank' for one epoch, then evaluate the checkpoint;
-    -> (checkpoint path, its model state, the evaluation's output)."""
-    out = tmp_path / 'out'
+def trainer_cli(name, action, data, tmp_path, checkpoint=None, eval_align='bank'):
+    """Run trainer `name`'s own command for `action` ('train' one epoch, 'evaluate' or 'rebuild' `checkpoint`) on its
+    small ISTA2 model with eval_align='bank' and 16-row banks (`eval_align` replaces it for evaluation) -> (the
+    output, the path of the checkpoint training writes)."""
+    out = str(tmp_path / 'out')
     if name == 'pvt':
         config = tmp_path / 'pvt_v2_b0_bank.py'
-        config.write_text("cfg = dict(model='pvt_v2_b0', ista2_args=dict(qk_norm=True, v_norm=True, ista2_method='v', "
-                          "attn_inter_topk=1, rep_tkn_type='mean', eval_align='bank', bank_size=16))\n")
-        run(pvt.CWD, pvt.train_args(str(config), data, str(out), 1))
-        path = out / 'checkpoint.pth'
-        evaluated = run(pvt.CWD, ['main.py', '--eval', '--config', str(config), '--resume', str(path), '--data-path',
-                                  data, *pvt.FAST])
-        return path, torch.load(path, weights_only=True)['model'], evaluated
-    bank = ['MODEL.ISTA2.EVAL_ALIGN', 'bank', 'MODEL.ISTA2.BANK_SIZE', '16']
+        config.write_text(PVT_BANK)
+        words = {'train': pvt.train_args(str(config), data, out, 1),
+                 'evaluate': ['main.py', '--eval', '--eval-align', eval_align, '--resume', checkpoint],
+                 'rebuild': ['main.py', '--rebuild-bank', '--resume', checkpoint]}[action]
+        if action != 'train':
+            words += ['--config', str(config), '--data-path', data, *pvt.FAST]
+        return run(pvt.CWD, words), tmp_path / 'out' / 'checkpoint.pth'
+    opts = ['MODEL.ISTA2.EVAL_ALIGN', eval_align, 'MODEL.ISTA2.BANK_SIZE', '16']
     if name == 'swin':
-        run(swin.CWD, swin.args(swin.ISTA2, data, str(out), 1, opts=bank))
-        path = out / 'swin_tiny_ista2_patch4_window7_224' / 'default' / 'ckpt.pth'
-        evaluated = run(swin.CWD, swin.args(swin.ISTA2, data, str(out), 1, '--eval', '--resume', str(path), opts=bank))
-        return path, torch.load(path, weights_only=True)['model'], evaluated
-    cvt.run_sh('train', 1, data, str(out), 'TRAIN.END_EPOCH', '1', *bank)
-    path = out / 'imagenet' / 'cvt-13-ista2-224x224' / 'final_state.pth'
-    evaluated = cvt.run_sh('test', 1, data, str(out), 'TEST.MODEL_FILE', str(path), *bank)
-    return path, torch.load(path, weights_only=True), evaluated
+        flags = {'train': (), 'evaluate': ('--eval', '--resume', checkpoint),
+                 'rebuild': ('--rebuild-bank', '--resume', checkpoint)}[action]
+        return (run(swin.CWD, swin.args(swin.ISTA2, data, out, 1, *flags, opts=opts)),
+                tmp_path / 'out' / 'swin_tiny_ista2_patch4_window7_224' / 'default' / 'ckpt.pth')
+    job, model_file = {'train': ('train', []), 'evaluate': ('test', ['TEST.MODEL_FILE', checkpoint]),
+                       'rebuild': ('rebuild_bank', ['TEST.MODEL_FILE', checkpoint])}[action]
+    return (cvt.run_sh(job, 1, data, out, 'TRAIN.END_EPOCH', '1', *opts, *model_file),
+            tmp_path / 'out' / 'imagenet' / 'cvt-13-ista2-224x224' / 'final_state.pth')
+
+
+def weights(path):
+    state = torch.load(path, weights_only=True)
+    return state.get('model', state.get('state_dict', state))
 
 
 @pytest.mark.parametrize('name', ['pvt', 'swin', 'cvt'])
-def test_each_trainer_saves_the_bank_and_evaluates_with_it(name, tiny_data, tmp_path):
-    path, state, evaluated = trainer_run(name, tiny_data, tmp_path)
+def test_each_trainer_saves_the_bank_rebuilds_it_by_one_command_and_loads_it_into_any_model(name, tiny_data,
+                                                                                            tmp_path):
+    _, path = trainer_cli(name, 'train', tiny_data, tmp_path)
     key = BANK_KEYS[name]
-    assert state[key].shape[0] == 16 and int(state[key + '_count']) >= 16  # filled by the 80 training images
+    trained = weights(path)
+    assert trained[key].shape[0] == 16 and int(trained[key + '_count']) >= 16  # filled by the 80 training images
+    evaluated, _ = trainer_cli(name, 'evaluate', tiny_data, tmp_path, str(path))
     assert 'no ISTA2 representative banks' not in evaluated and 'bank is empty' not in evaluated
     assert 'Acc' in evaluated
+
+    source = path.read_bytes()
+    rebuilt_path = path.with_name(path.stem + '_bank.pth')
+    banks = []
+    for _ in range(2):
+        output, _ = trainer_cli(name, 'rebuild', tiny_data, tmp_path, str(path))
+        assert f'{rebuilt_path}: the banks of' in output and f'{path} is unchanged' in output
+        rebuilt = weights(rebuilt_path)
+        banks.append({k: v for k, v in rebuilt.items() if '.ista2.bank' in k})
+    assert path.read_bytes() == source
+    assert all(torch.equal(v, banks[1][k]) for k, v in banks[0].items())  # the same images, in one seeded order
+    assert {k: v for k, v in rebuilt.items() if '.ista2.bank' not in k}.keys() == \
+        {k: v for k, v in trained.items() if '.ista2.bank' not in k}.keys()
+    assert all(torch.equal(rebuilt[k], v) for k, v in trained.items() if '.ista2.bank' not in k)
+    assert not torch.equal(rebuilt[key], trained[key])  # the frozen final model's view of clean images
+    assert int(rebuilt[key + '_count']) >= 16
+
+    evaluated, _ = trainer_cli(name, 'evaluate', tiny_data, tmp_path, str(rebuilt_path), eval_align='batch')
+    assert 'ISTA2 representative banks' in evaluated and 'that this model does not use' in evaluated
+    assert 'Acc' in evaluated
+
+
+def test_a_pvt_checkpoint_without_banks_names_the_rebuild_command(tiny_data, tmp_path):
+    _, path = trainer_cli('pvt', 'train', tiny_data, tmp_path)
+    state = torch.load(path, weights_only=True)
+    state['model'] = {k: v for k, v in state['model'].items() if '.ista2.bank' not in k}
+    torch.save(state, tmp_path / 'no_bank.pth')
+    evaluated, _ = trainer_cli('pvt', 'evaluate', tiny_data, tmp_path, str(tmp_path / 'no_bank.pth'))
+    assert 'has no ISTA2 representative banks' in evaluated and '--rebuild-bank' in evaluated
+    trainer_cli('pvt', 'rebuild', tiny_data, tmp_path, str(tmp_path / 'no_bank.pth'))
+    rebuilt = weights(tmp_path / 'no_bank_bank.pth')
+    assert int(rebuilt['block1.0.attn.ista2.bank_count']) == 24  # after 2 batches of 12 the banks were full
+    evaluated, _ = trainer_cli('pvt', 'evaluate', tiny_data, tmp_path, str(tmp_path / 'no_bank_bank.pth'))
+    assert 'ISTA2 representative banks' not in evaluated and 'Acc' in evaluated
 
 
 @pytest.mark.parametrize('eval_align', ['bank', 'off', 'batch'])
@@ -87,8 +132,7 @@ def test_pvt_evaluation_protocols_agree_on_bank_and_off_models(eval_align, tiny_
     """Class order, one shuffled order and batch 1 give the same top-1, top-5 and loss once evaluation ignores the
     companions (and, with these seeds, not with the default 'batch')."""
     config, out = tmp_path / 'pvt.py', tmp_path / 'out'
-    config.write_text(f"cfg = dict(model='pvt_v2_b0', ista2_args=dict(qk_norm=True, v_norm=True, ista2_method='v', "
-                      f"attn_inter_topk=1, rep_tkn_type='mean', eval_align={eval_align!r}, bank_size=16))\n")
+    config.write_text(PVT_BANK.replace("eval_align='bank'", f'eval_align={eval_align!r}'))
     run(pvt.CWD, pvt.train_args(str(config), tiny_data, str(out), 1))
     accuracy = set()
     for protocol in ('class-order', 'shuffled', 'batch-1'):

@@ -9,7 +9,7 @@ from common import ista2
 from common.checkpoint import CheckpointError
 from common.errors import ConfigError
 from common.ista2 import ISTA2, rebuild_banks
-from common.trainer import Checkpoints, restore
+from common.trainer import Checkpoints, Recipe, restore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'PVT' / 'classification'))
 from pvt_v2 import create_model  # noqa: E402
@@ -139,7 +139,7 @@ def test_options_are_checked():
 def test_an_empty_bank_evaluates_without_alignment_and_warns():
     m, off = build(eval_align='bank'), build(eval_align='off')
     x = qkv(4, seed=2)
-    with pytest.warns(UserWarning, match='bank is empty.*rebuild_banks'):
+    with pytest.warns(UserWarning, match="bank is empty.*the trainer's bank command"):
         out = m.eval()(*x)
     torch.testing.assert_close(out, off.eval()(*x))
 
@@ -182,7 +182,7 @@ def test_a_pvt_bank_survives_a_weights_only_round_trip(trained_pvt, tmp_path):
         torch.testing.assert_close(fresh.eval()(x), trained_pvt(x))
     other_size = small_pvt(eval_align='bank', bank_size=8)
     with pytest.raises(CheckpointError, match='another shape'):
-        restore(other_size, tmp_path / 'ckpt.pth', Checkpoints(folder=None), print)
+        restore(other_size, tmp_path / 'ckpt.pth', recipe(), print)
 
 
 @pytest.mark.parametrize('bare', [True, False])
@@ -191,17 +191,35 @@ def test_a_checkpoint_without_banks_restores_with_a_message_and_rebuild_banks_re
     state = source.state_dict()
     torch.save(state if bare else {'model': state}, tmp_path / 'ckpt.pth')
     model, lines = small_pvt(eval_align='bank', bank_size=16), []
-    restore(model, str(tmp_path / 'ckpt.pth'), Checkpoints(folder=None), lines.append)
-    assert any('no ISTA2 representative banks' in line and 'rebuild_banks' in line for line in lines)
+    restore(model, str(tmp_path / 'ckpt.pth'), recipe(), lines.append)
+    assert any('no ISTA2 representative banks' in line and line.endswith('--rebuild-bank') for line in lines)
     assert all(int(m.bank_count) == 0 for m in model.modules() if isinstance(m, ISTA2))
     g = torch.Generator().manual_seed(0)
     loader = [(torch.randn(8, 3, 32, 32, generator=g), torch.zeros(8)) for _ in range(3)]
     model.train()
-    assert rebuild_banks(model, loader) == 24 and model.training
+    assert rebuild_banks(model, loader) == 16 and model.training  # stops once every bank is full
     layers = [m for m in model.modules() if isinstance(m, ISTA2)]
     banks = [m.bank.clone() for m in layers]
-    assert all(int(m.bank_count) == 24 for m in layers)
+    assert all(int(m.bank_count) == 16 for m in layers)
     rebuild_banks(model, loader)  # frozen: the same images give the same banks
     assert all(torch.equal(m.bank, b) for m, b in zip(layers, banks, strict=True))
     with pytest.raises(ValueError, match='no ISTA2 layer'):
         rebuild_banks(source, loader)
+
+
+def recipe():
+    """A recipe for `restore` alone, with the names the PVT trainer gives these settings."""
+    return Recipe(None, None, Checkpoints(folder=None), 1, 1,
+                  names={'rebuild_bank': '--rebuild-bank', 'eval_align': '--eval-align'})
+
+
+@pytest.mark.parametrize('eval_align', ['batch', 'off'])
+def test_a_checkpoint_with_banks_loads_into_a_model_without_one_with_a_message(trained_pvt, tmp_path, eval_align):
+    torch.save({'model': trained_pvt.state_dict()}, tmp_path / 'ckpt.pth')
+    model, lines = small_pvt(eval_align=eval_align), []
+    restore(model, str(tmp_path / 'ckpt.pth'), recipe(), lines.append)
+    assert len(lines) == 1 and 'banks (16 tensors) that this model does not use' in lines[0]
+    assert '--eval-align' in lines[0]
+    weights = {k: v for k, v in trained_pvt.state_dict().items() if '.ista2.bank' not in k}
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())

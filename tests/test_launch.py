@@ -60,17 +60,19 @@ def pvt(script, argv):
     parser = main.get_args_parser()
     args = parser.parse_args(argv)
     main.apply_config(args, parser, argv)
-    return dict(evaluate=args.eval, config=args.config, data=args.data_path, epochs=args.epochs,
-                warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, seed=args.seed,
-                workers=args.num_workers, protocol=args.eval_protocol, checkpoint=args.resume or None)
+    return dict(action='evaluate' if args.eval else 'rebuild_bank' if args.rebuild_bank else 'train',
+                config=args.config, data=args.data_path, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+                batch_size=args.batch_size, seed=args.seed, workers=args.num_workers, protocol=args.eval_protocol,
+                checkpoint=args.resume or None, eval_align=args.eval_align)
 
 
 def swin(script, argv):
     args, config = front_end('swin').parse_option(argv)
-    return dict(evaluate=config.EVAL_MODE, config=args.cfg, data=config.DATA.DATA_PATH, epochs=config.TRAIN.EPOCHS,
+    return dict(action='evaluate' if config.EVAL_MODE else 'rebuild_bank' if args.rebuild_bank else 'train',
+                config=args.cfg, data=config.DATA.DATA_PATH, epochs=config.TRAIN.EPOCHS,
                 warmup_epochs=config.TRAIN.WARMUP_EPOCHS, batch_size=config.DATA.BATCH_SIZE, seed=config.SEED,
                 workers=config.DATA.NUM_WORKERS, protocol=config.TEST.PROTOCOL,
-                checkpoint=config.MODEL.RESUME or None)
+                checkpoint=config.MODEL.RESUME or None, eval_align=config.MODEL.ISTA2.EVAL_ALIGN)
 
 
 def cvt(script, argv, monkeypatch):
@@ -78,11 +80,13 @@ def cvt(script, argv, monkeypatch):
     monkeypatch.setattr(sys, 'argv', [script, *argv])
     args = runner.parse_args('CvT')
     config = runner.update_config(runner.default_config.clone(), args)
-    return dict(evaluate=script == 'tools/test.py', config=args.cfg, data=config.DATASET.ROOT,
-                epochs=config.TRAIN.END_EPOCH, warmup_epochs=config.TRAIN.LR_SCHEDULER.ARGS.warmup_epochs,
+    actions = {'tools/train.py': 'train', 'tools/test.py': 'evaluate', 'tools/rebuild_bank.py': 'rebuild_bank'}
+    return dict(action=actions[script],
+                config=args.cfg, data=config.DATASET.ROOT, epochs=config.TRAIN.END_EPOCH,
+                warmup_epochs=config.TRAIN.LR_SCHEDULER.ARGS.warmup_epochs,
                 batch_size=(config.TRAIN.BATCH_SIZE_PER_GPU, config.TEST.BATCH_SIZE_PER_GPU), seed=config.SEED,
                 workers=config.WORKERS, protocol=config.TEST.PROTOCOL,
-                checkpoint=config.TEST.MODEL_FILE or None)
+                checkpoint=config.TEST.MODEL_FILE or None, eval_align=config.MODEL.ISTA2.EVAL_ALIGN)
 
 
 def parsed(backbone, job, monkeypatch, tmp_path):
@@ -102,17 +106,19 @@ def parsed(backbone, job, monkeypatch, tmp_path):
     return values
 
 
-@pytest.mark.parametrize('protocol', [None, *PROTOCOLS], ids=lambda p: p or 'train')
+@pytest.mark.parametrize('action', ['train', *PROTOCOLS, 'rebuild_bank'])
 @pytest.mark.parametrize('backbone', BACKBONES)
-def test_every_command_is_what_the_front_end_reads(backbone, protocol, monkeypatch, tmp_path):
-    """None: a training job (validating under 'shuffled'); otherwise an evaluation under `protocol`."""
-    config = BACKBONES[backbone].cifar[1]
-    evaluate = protocol is not None
-    job = launch.Job(config, evaluate=evaluate, protocol=protocol or 'shuffled',
-                     checkpoint='/runs/job/weights.pth' if evaluate else None, **SETTINGS)
-    expected = dict(evaluate=evaluate, config=config, data=job.data, epochs=job.epochs,
+def test_every_command_is_what_the_front_end_reads(backbone, action, monkeypatch, tmp_path):
+    """A training job (validating under 'shuffled', with the bank), an evaluation under each protocol (aligning
+    with the batch in place of the config's bank), or a bank rebuild."""
+    config = BACKBONES[backbone].cifar_bank
+    evaluate = action in PROTOCOLS
+    job = launch.Job(config, evaluate=evaluate, rebuild_bank=action == 'rebuild_bank',
+                     protocol=action if evaluate else 'shuffled', eval_align='batch' if evaluate else 'bank',
+                     checkpoint=None if action == 'train' else '/runs/job/weights.pth', **SETTINGS)
+    expected = dict(action='evaluate' if evaluate else action, config=config, data=job.data, epochs=job.epochs,
                     warmup_epochs=job.warmup_epochs, batch_size=job.batch_size, seed=job.seed, workers=job.workers,
-                    protocol=job.protocol, checkpoint=job.checkpoint)
+                    protocol=job.protocol, checkpoint=job.checkpoint, eval_align=job.eval_align)
     if backbone == 'cvt':
         expected['batch_size'] = (job.batch_size, job.batch_size)
     assert parsed(backbone, job, monkeypatch, tmp_path) == expected
@@ -121,7 +127,7 @@ def test_every_command_is_what_the_front_end_reads(backbone, protocol, monkeypat
 @pytest.mark.parametrize('backbone', BACKBONES)
 def test_the_study_caps_the_warmup_its_configs_set(backbone, monkeypatch, tmp_path):
     study = load('cifar_study', ROOT / 'benchmarks' / 'cifar_study.py')
-    for config in BACKBONES[backbone].cifar:
+    for config in (*BACKBONES[backbone].cifar, BACKBONES[backbone].cifar_bank):
         job = launch.Job(config, **{**SETTINGS, 'warmup_epochs': None})
         assert parsed(backbone, job, monkeypatch, tmp_path)['warmup_epochs'] == study.CONFIG_WARMUP_EPOCHS
 
@@ -146,7 +152,8 @@ def test_cvt_trains_and_evaluates_with_structured_results(tiny_data, tmp_path):
     assert os.path.isfile(weights)
     evaluation = launch.run('cvt', replace(job, evaluate=True, checkpoint=weights, protocol='batch-1',
                                            output=str(tmp_path / 'eval')), log=tmp_path / 'eval.log')
-    assert set(evaluation) == {'checkpoint', 'acc1', 'acc5', 'loss', 'images', 'protocol'}
+    assert set(evaluation) == {'checkpoint', 'acc1', 'acc5', 'loss', 'images', 'protocol', 'seconds',
+                               'peak_memory_mib'}
     assert (evaluation['checkpoint'], evaluation['images'], evaluation['protocol']) == (weights, 40, 'batch-1')
 
 

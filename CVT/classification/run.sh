@@ -4,9 +4,9 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: bash run.sh [-g GPUS] -t train|test [-p PORT] [-i] --cfg FILE [KEY VALUE ...]"
+    echo "usage: bash run.sh [-g GPUS] -t train|test|rebuild_bank [-p PORT] [-i] --cfg FILE [KEY VALUE ...]"
     echo "  -g, --gpus          processes to start (default: the number of GPUs, or 1 without any)"
-    echo "  -t, --job-type      train or test"
+    echo "  -t, --job-type      train, test, or rebuild_bank (refill ISTA2 banks; not upstream)"
     echo "  -p, --port          master port (default 9000)"
     echo "  -i, --install-deps  pip install -r the repository's requirements.txt first"
 }
@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$job" in
-    train|test) ;;
+    train|test|rebuild_bank) ;;
     *) echo "unknown job type '${job}'"; usage; exit 1 ;;
 esac
 if [ -z "$gpus" ]; then

@@ -20,6 +20,7 @@ from torchvision import datasets
 
 from common import checkpoint, data, trainer
 from common.errors import ConfigError, ConfigKeyError, require_config_file
+from common.ista2_options import EVAL_ALIGNS
 
 from pvt_v2 import create_model
 
@@ -90,6 +91,12 @@ def get_args_parser():
                    help='validation order and batch: class order (upstream), one order shuffled with --seed, or one '
                         'image per batch (not upstream)')
     p.add_argument('--shuffle-eval', action='store_true', default=False, help='the same as --eval-protocol shuffled')
+    p.add_argument('--eval-align', default=None, choices=EVAL_ALIGNS,
+                   help="what ISTA2 aligns against at evaluation: replaces the config's ista2_args['eval_align'] "
+                        '(not upstream)')
+    p.add_argument('--rebuild-bank', action='store_true', default=False,
+                   help="refill the ISTA2 banks of --resume (or OUTPUT_DIR/checkpoint.pth) from training images and "
+                        'write <name>_bank.pth (not upstream)')
     p.add_argument('--num_workers', type=int, default=10)
     p.add_argument('--pin-mem', action='store_true')
     p.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
@@ -163,6 +170,8 @@ def check_unused(args):
     if args.resplit:
         raise ConfigError('--resplit only acts with augmentation splits, which neither upstream nor this trainer '
                          'uses; drop it')
+    if args.eval and args.rebuild_bank:
+        raise ConfigError('--eval and --rebuild-bank: give one; --rebuild-bank writes a checkpoint to evaluate next')
     if args.inat_category != 'name':
         raise ConfigError(f'--inat-category {args.inat_category} only applies to the iNaturalist data sets, which are '
                           f'not supported here; drop it')
@@ -188,7 +197,8 @@ NAMES = {'epochs': '--epochs', 'warmup_epochs': '--warmup-epochs', 'batch_size':
          'eval_batch_size': '--batch-size (x1.5 for evaluation)', 'workers': '--num_workers',
          'start_epoch': '--start_epoch', 'lr': '--lr', 'weight_decay': '--weight-decay', 'clip_grad': '--clip-grad',
          'smoothing': '--smoothing', 'resume': '--resume', 'evaluate': '--eval', 'folder': 'an --output_dir',
-         'protocol': '--eval-protocol'}
+         'protocol': '--eval-protocol', 'eval_align': "--eval-align or ista2_args['eval_align']",
+         'rebuild_bank': '--rebuild-bank'}
 
 
 def main(args):
@@ -223,6 +233,8 @@ def main(args):
         epoch_logs=[trainer.JsonLines(os.path.join(out, 'log.txt'), n_parameters=n_parameters)] if out else [])
     if args.eval:
         return trainer.evaluate(session, model, recipe)
+    if args.rebuild_bank:
+        return trainer.rebuild_bank(session, model, recipe)
     return trainer.train(session, model, recipe)
 
 
@@ -250,6 +262,8 @@ def cli(argv=None):
     args = parser.parse_args(argv)
     apply_config(args, parser, argv)
     check_unused(args)
+    if args.eval_align is not None:
+        args.ista2_args['eval_align'] = args.eval_align
     return main(args)
 
 

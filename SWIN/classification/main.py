@@ -40,12 +40,17 @@ def parse_option(argv=None):
     p.add_argument('--tag', help='run name inside OUTPUT/MODEL.NAME')
     p.add_argument('--eval', action='store_true', help='evaluate only')
     p.add_argument('--throughput', action='store_true', help='measure images/s only')
+    p.add_argument('--rebuild-bank', action='store_true',
+                   help='refill the ISTA2 banks of --resume (or the run folder\'s ckpt.pth) from training images and '
+                        'write <name>_bank.pth (not upstream)')
     p.add_argument('--local_rank', '--local-rank', type=int, default=None, help='set by the launcher')
     p.add_argument('--fused_window_process', action='store_true', help='upstream CUDA kernel (not supported here)')
     p.add_argument('--fused_layernorm', action='store_true', help='apex fused LayerNorm (not supported here)')
     p.add_argument('--optim', type=str, help='adamw or sgd (overrides TRAIN.OPTIMIZER.NAME)')
     args = p.parse_args(argv)
     require_config_file(args.cfg, 'configs', '.yaml')
+    if sum((args.eval, args.throughput, args.rebuild_bank)) > 1:
+        p.error('--eval, --throughput and --rebuild-bank: give one of them')
     if args.cache_mode is not None:
         p.error(f'--cache-mode {args.cache_mode} caches zipped ImageNet (--zip), which is not supported here; '
                 f'use an image folder and leave --cache-mode out')
@@ -106,7 +111,8 @@ NAMES = {'epochs': 'TRAIN.EPOCHS', 'warmup_epochs': 'TRAIN.WARMUP_EPOCHS',
          'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS (--accumulation-steps)', 'start_epoch': 'TRAIN.START_EPOCH',
          'lr': 'TRAIN.BASE_LR', 'weight_decay': 'TRAIN.WEIGHT_DECAY', 'clip_grad': 'TRAIN.CLIP_GRAD',
          'smoothing': 'MODEL.LABEL_SMOOTHING', 'resume': '--resume', 'evaluate': '--eval', 'folder': 'a run folder',
-         'protocol': 'TEST.PROTOCOL', 'print_freq': 'PRINT_FREQ'}
+         'protocol': 'TEST.PROTOCOL', 'print_freq': 'PRINT_FREQ', 'eval_align': 'MODEL.ISTA2.EVAL_ALIGN',
+         'rebuild_bank': '--rebuild-bank'}
 
 
 def load_pretrained(config, model, log):
@@ -135,8 +141,9 @@ def load_pretrained(config, model, log):
     log(f'=> loaded {config.MODEL.PRETRAINED}; keys new to this model (left initialised): {missing}')
 
 
-def main(config):
-    """Train, evaluate (--eval) or time (--throughput); returns the run's result (see common.trainer)."""
+def main(config, rebuild_bank=False):
+    """Train, evaluate (--eval), time (--throughput) or rebuild the ISTA2 banks (--rebuild-bank); returns the
+    run's result (see common.trainer)."""
     session = trainer.setup(config.SEED, output=config.OUTPUT,
                             output_option='output folder (--output/MODEL.NAME/--tag)', log_file='log_rank{rank}.txt',
                             logger_name=config.MODEL.NAME,
@@ -189,14 +196,16 @@ def main(config):
         return trainer.evaluate(session, model, recipe)
     if config.THROUGHPUT_MODE:
         return trainer.throughput(session, model, recipe)
+    if rebuild_bank:
+        return trainer.rebuild_bank(session, model, recipe)
     return trainer.train(session, model, recipe)
 
 
 def cli(argv=None):
     """The command line: parse, build the config, run; returns the run's result."""
-    _, config = parse_option(argv)
+    args, config = parse_option(argv)
     check_supported(config)
-    return main(config)
+    return main(config, args.rebuild_bank)
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ from common.errors import ConfigError, require_config_file
 
 from lib.config import config as default_config
 from lib.config import update_config
+from lib.models import build_model
 
 INTERPOLATIONS = {0: 'nearest', 2: 'bilinear', 3: 'bicubic'}
 NORMS = {'bn': (torch.nn.BatchNorm2d,), 'gn': (torch.nn.GroupNorm,), 'ln': (torch.nn.LayerNorm,)}
@@ -152,4 +153,15 @@ def recipe(config, session, train_set, val_set, phase):
                'lr': 'TRAIN.LR', 'weight_decay': 'TRAIN.WD', 'clip_grad': 'TRAIN.CLIP_GRAD_NORM',
                'smoothing': 'LOSS.LABEL_SMOOTHING', 'resume': 'TRAIN.CHECKPOINT' if phase == 'train' else
                'TEST.MODEL_FILE', 'evaluate': 'tools/test.py', 'folder': 'a run folder', 'protocol': 'TEST.PROTOCOL',
-               'print_freq': 'PRINT_FREQ'})
+               'print_freq': 'PRINT_FREQ', 'eval_align': 'MODEL.ISTA2.EVAL_ALIGN',
+               'rebuild_bank': 'bash run.sh -t rebuild_bank'})
+
+
+def on_model_file(action, phase, description):
+    """tools/test.py and tools/rebuild_bank.py: action(session, model, recipe) on TEST.MODEL_FILE (default: the run
+    folder's model_best.pth), e.g. trainer.evaluate or trainer.rebuild_bank; `phase` names the log files."""
+    config, session = setup(parse_args(description), phase)
+    if config.TEST.MODEL_FILE and not config.TEST.MODEL_FILE.endswith('.pth'):
+        raise ConfigError(f'TEST.MODEL_FILE {config.TEST.MODEL_FILE!r} must be a .pth file')
+    train_set, val_set = datasets(config)
+    return action(session, build_model(config), recipe(config, session, train_set, val_set, 'test'))
