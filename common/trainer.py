@@ -260,15 +260,16 @@ def report(result):
     return result
 
 
-def checkpoint_to_evaluate(recipe):
-    """The checkpoint evaluation reads: the one named, else the folder's eval_file."""
+def checkpoint_to_evaluate(recipe, action='evaluate'):
+    """The checkpoint evaluation reads: the one named, else the folder's eval_file; `action` names the setting that
+    asked for it in a message."""
     layout = recipe.checkpoints
     if layout.resume:
         return named_checkpoint(layout.resume, recipe)
     in_folder = os.path.join(layout.folder, layout.eval_file) if layout.folder else None
     if in_folder and os.path.isfile(in_folder):
         return in_folder
-    raise ConfigError(f'{recipe.name("evaluate")} needs a checkpoint: {recipe.name("resume")} PATH, or '
+    raise ConfigError(f'{recipe.name(action)} needs a checkpoint: {recipe.name("resume")} PATH, or '
                       f'{recipe.name("folder")} holding {layout.eval_file}')
 
 
@@ -301,7 +302,7 @@ def rebuild_bank(session, model, recipe):
     if not layers:
         raise ConfigError(f"{recipe.name('rebuild_bank')}: this model has no ISTA2 layer with eval_align='bank'; set "
                           f"{recipe.name('eval_align')} to bank")
-    path = checkpoint_to_evaluate(recipe)
+    path = checkpoint_to_evaluate(recipe, 'rebuild_bank')
     ckpt = checkpoint.load(path)
     restore(model, path, recipe, session.log)
     runtime = session.runtime

@@ -96,3 +96,28 @@ def test_a_run_within_the_warmup_warns_and_checkpoints_are_readable_by_others(na
     files = [p for p in out.rglob('*') if p.is_file()]
     assert any(p.suffix == '.pth' for p in files) and any(p.suffix in ('.txt', '.json', '.yaml') for p in files)
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+
+
+@pytest.mark.parametrize('name', TRAINERS)
+def test_the_bank_command_names_what_it_needs(name, tiny_data, tmp_path):
+    """A model without banks, no checkpoint, and (PVT, Swin) a second mode at once: each one line, exit status 2."""
+    command = {'pvt': '--rebuild-bank', 'swin': '--rebuild-bank', 'cvt': 'bash run.sh -t rebuild_bank'}[name]
+    option = {'pvt': "--eval-align or ista2_args['eval_align']"}.get(name, 'MODEL.ISTA2.EVAL_ALIGN')
+    bank = {'pvt': (['--eval-align', 'bank'], []), 'swin': ([], ['MODEL.ISTA2.EVAL_ALIGN', 'bank']),
+            'cvt': ([], ['MODEL.ISTA2.EVAL_ALIGN', 'bank'])}[name]
+    no_checkpoint = {'pvt': 'an --output_dir holding checkpoint.pth', 'swin': 'a run folder holding ckpt.pth',
+                     'cvt': 'a run folder holding model_best.pth'}[name]
+    flags = ['--rebuild-bank'] if name != 'cvt' else []
+    cases = [((flags, []), f"{command}: this model has no ISTA2 layer with eval_align='bank'; set {option} to bank"),
+             ((flags + bank[0], bank[1]), f'{command} needs a checkpoint: ')]
+    if name != 'cvt':
+        cases.append(((flags + ['--eval'], []), '--eval'))
+    for (more_flags, opts), message in cases:
+        cwd, args = TRAINERS[name](tiny_data, str(tmp_path / 'out'), *more_flags, opts=opts)
+        if name == 'cvt':
+            args[0] = 'tools/rebuild_bank.py'
+        code, stdout, stderr = execute(cwd, args)
+        assert code == 2 and 'Traceback' not in stderr, stdout[-2000:] + stderr[-2000:]
+        assert message in stderr.splitlines()[-1]
+        if 'needs a checkpoint' in message:
+            assert no_checkpoint in stderr.splitlines()[-1]
