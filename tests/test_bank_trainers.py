@@ -140,3 +140,23 @@ def test_pvt_evaluation_protocols_agree_on_bank_and_off_models(eval_align, tiny_
                                   '--data-path', tiny_data, '--eval-protocol', protocol, *pvt.FAST])
         accuracy.update(line for line in evaluated.splitlines() if '* Acc@1' in line)
     assert (len(accuracy) == 1) == (eval_align != 'batch'), accuracy  # 'batch': the companions change the loss
+
+
+def test_a_two_process_rebuild_queues_the_images_one_process_would(tiny_data, tmp_path):
+    """Two gloo ranks each run a padded share of the seeded order; the first layer's bank (whose representatives
+    precede any alignment) then holds the rows one process queues from the same first 24 images, in another
+    order (24-row banks: nothing drops out)."""
+    config = tmp_path / 'pvt.py'
+    config.write_text(PVT_BANK.replace('bank_size=16', 'bank_size=24'))
+    run(pvt.CWD, pvt.train_args(str(config), tiny_data, str(tmp_path / 'out'), 1))
+    banks = {}
+    for nproc in (1, 2):
+        folder = tmp_path / f'rebuilt{nproc}'
+        run(pvt.CWD, ['main.py', '--rebuild-bank', '--config', str(config), '--resume', str(tmp_path / 'out' /
+                      'checkpoint.pth'), '--data-path', tiny_data, '--output_dir', str(folder), *pvt.FAST], nproc=nproc)
+        banks[nproc] = weights(folder / 'checkpoint_bank.pth')
+    key = BANK_KEYS['pvt']
+    assert int(banks[1][key + '_count']) == int(banks[2][key + '_count']) == 24  # 2 x 12 images, 12 x 2 ranks
+    rows = [torch.tensor(sorted(banks[n][key].tolist())) for n in (1, 2)]
+    assert not torch.equal(banks[1][key], banks[2][key])
+    torch.testing.assert_close(rows[0], rows[1], rtol=1e-5, atol=1e-6)
