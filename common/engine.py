@@ -113,7 +113,8 @@ def evaluate(model, loader, device, amp=True, sharded=True, print_freq=10, echo=
         loss = torch.nn.functional.cross_entropy(logits, targets)
         acc1, acc5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
         n = len(images)
-        for j, value in enumerate((loss.item() * n, acc1.item() * n / 100, acc5.item() * n / 100, n)):
+        # hits are whole images: counted exactly, so that equal predictions give equal accuracies to the last bit
+        for j, value in enumerate((loss.item() * n, round(acc1.item() * n / 100), round(acc5.item() * n / 100), n)):
             sums[j] += value
         meters.update(n=n, loss=loss.item(), acc1=acc1.item(), acc5=acc5.item())
         meters.step(i)
