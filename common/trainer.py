@@ -34,6 +34,7 @@ from torch.utils.data import DistributedSampler
 
 from common import checkpoint, data, engine
 from common.errors import ConfigError, UserError
+from common.ista2 import ISTA2, rebuild_banks
 from common.runtime import Runtime, init_runtime, seed_all, shutdown
 
 # Evaluation protocols: the order of the validation set and the evaluation batch size. 'class-order' is
@@ -296,7 +297,6 @@ def rebuild_bank(session, model, recipe):
     images, through the frozen model (evaluation transform, one seeded order, every rank its share), until
     every bank is full or the images run out; write the checkpoint with its new banks as <name>_bank.pth into
     the run's folder (beside the source without one), leaving the source as it was."""
-    from common.ista2 import ISTA2, rebuild_banks
     check_numbers(recipe, training=False)
     layers = [m for m in model.modules() if isinstance(m, ISTA2) and m.eval_align == 'bank']
     if not layers:
