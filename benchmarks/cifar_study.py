@@ -19,9 +19,7 @@ import os
 import statistics
 import time
 
-import torch
-
-from common import launch
+from common import checkpoint, launch
 from common.backbones import BACKBONES, config_name
 from common.trainer import PROTOCOLS
 
@@ -55,8 +53,7 @@ def evaluate(backbone, config, weights, args, out, name, eval_align=None):
 
 def bank_values(weights):
     """How many numbers the checkpoint's ISTA2 banks hold (every layer's bank, bank_count excluded)."""
-    state = torch.load(weights, map_location='cpu', weights_only=True)
-    state = state.get('model', state.get('state_dict', state))
+    state = checkpoint.model_state(checkpoint.load(weights))
     return sum(v.numel() for k, v in state.items() if k.endswith('.ista2.bank'))
 
 

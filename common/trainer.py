@@ -213,8 +213,8 @@ BANK_KEYS = ('.ista2.bank',)  # ISTA2's representative banks (bank, bank_count):
 
 
 def restore(model, path, recipe, log):
-    """Load the weights at `path` into `model`, strictly; returns the checkpoint if it also holds a
-    training state. A bare state_dict (a released checkpoint) may lack ISTA2's norms. ISTA2's banks
+    """Load the weights at `path` into `model`, strictly; returns the checkpoint as read (see
+    `training_state`). A bare state_dict (a released checkpoint) may lack ISTA2's norms. ISTA2's banks
     may be missing (they are rebuilt by the trainer's bank command) or extra (a model that does not
     evaluate against a bank leaves them out); both are reported."""
     ckpt = checkpoint.load(path)
@@ -233,7 +233,17 @@ def restore(model, path, recipe, log):
     if any(p in k for k in missing for p in BANK_KEYS):
         log(f"{path} has no ISTA2 representative banks: layers with eval_align='bank' evaluate without alignment "
             f"until the banks are rebuilt from training images: {recipe.name('rebuild_bank')}")
-    return None if bare or not all(k in ckpt for k in ('optimizer', 'epoch')) else ckpt
+    return ckpt
+
+
+def is_bare(ckpt, recipe):
+    """Whether the checkpoint is a bare state_dict (a released checkpoint), not a trainer's dict of weights and more."""
+    return checkpoint.model_state(ckpt, keys=(recipe.checkpoints.model_key,)) is ckpt
+
+
+def training_state(ckpt, recipe):
+    """The checkpoint if it holds a training state (optimizer, epoch) beside the weights, else None."""
+    return None if is_bare(ckpt, recipe) or not all(k in ckpt for k in ('optimizer', 'epoch')) else ckpt
 
 
 def named_checkpoint(path, recipe):
@@ -303,8 +313,7 @@ def rebuild_bank(session, model, recipe):
         raise ConfigError(f"{recipe.name('rebuild_bank')}: this model has no ISTA2 layer with eval_align='bank'; set "
                           f"{recipe.name('eval_align')} to bank")
     path = checkpoint_to_evaluate(recipe, 'rebuild_bank')
-    ckpt = checkpoint.load(path)
-    restore(model, path, recipe, session.log)
+    ckpt = restore(model, path, recipe, session.log)
     runtime = session.runtime
     model.to(runtime.device)
     images = copy.copy(recipe.train_set)
@@ -319,8 +328,7 @@ def rebuild_bank(session, model, recipe):
     out = os.path.join(recipe.checkpoints.folder or os.path.dirname(path), f'{stem}_bank{ext or ".pth"}')
     if runtime.is_main:
         key = recipe.checkpoints.model_key
-        bare = checkpoint.model_state(ckpt, keys=(key,)) is ckpt
-        checkpoint.save_atomic(model.state_dict() if bare else {**ckpt, key: model.state_dict()}, out)
+        checkpoint.save_atomic(model.state_dict() if is_bare(ckpt, recipe) else {**ckpt, key: model.state_dict()}, out)
     session.log(f'{out}: the banks of {len(layers)} ISTA2 layers rebuilt from {seen} training images '
                 f'({filled:.0%} of the smallest bank filled); {path} is unchanged. Evaluate it with '
                 f'{recipe.name("evaluate")} and {recipe.name("resume")} {out}')
@@ -365,7 +373,7 @@ def train(session, model, recipe):
     start, best, resumed = recipe.start_epoch, 0.0, False
     path = resume_path(ckpt_layout, recipe, log)
     if path:
-        ckpt = restore(bare_model, path, recipe, log)
+        ckpt = training_state(restore(bare_model, path, recipe, log), recipe)
         if ckpt is not None:
             optimizer.load_state_dict(ckpt['optimizer'])
             if 'lr_scheduler' in ckpt:
