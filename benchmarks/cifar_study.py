@@ -1,28 +1,34 @@
 """The CIFAR-10 study: does ISTA2 help, and does the gain survive batch-independent evaluation?
 
-    python benchmarks/cifar_study.py --data /tmp/cifar10 [--backbones pvt swin cvt] [--seeds 0 1]
-        [--epochs N] [--nproc 1] [--workdir /tmp/ista2-study]
+    python benchmarks/cifar_study.py --data /tmp/cifar10 [--models PVTv2-B0 PVTv2-B2 Swin-T CvT-13]
+        [--seeds 0 1] [--epochs N] [--nproc 1] [--in-memory] [--parallel 1] [--workdir /tmp/ista2-study]
 
-For each backbone, the baseline config and the ISTA2 config with eval_align='bank' (common/backbones.py:
-its training is that of the plain ISTA2 config; the bank only changes evaluation) are trained through the
-backbone's real launcher (common/launch.py), once per seed. Each trained ISTA2 model is evaluated aligning
-against the batch (the reference), its bank as training left it, its bank rebuilt from training images by
-the trainer's own command, and nothing ('off'); every model under each of the trainers' protocols
-(common/trainer.py PROTOCOLS): validation images in class order with the trainer's evaluation batch (the
-reference protocol), the same images in one shuffled order, and batch size 1. Prints top-1 (mean and
-half-range over seeds), evaluation seconds and peak memory per protocol, and what the bank costs; writes
-every figure to <workdir>/results.json. Rerunning skips finished trainings (they resume as done).
+For each of the paper's four models, the baseline config and the ISTA2 config with eval_align='bank'
+(common/backbones.py: its training is that of the plain ISTA2 config; the bank only changes evaluation) are
+trained through the backbone's real launcher (common/launch.py), once per seed. Each trained ISTA2 model is
+evaluated aligning against the batch (the reference), its bank as training left it, its bank rebuilt from
+training images by the trainer's own command, and nothing ('off'); every model under each of the trainers'
+protocols (common/trainer.py PROTOCOLS): validation images in class order with the trainer's evaluation batch
+(the reference protocol), the same images in one shuffled order, and batch size 1. Prints top-1 (mean and
+half-range over seeds), evaluation seconds and peak memory per protocol, and what the bank costs; writes every
+figure to <workdir>/results.json. Rerunning skips finished trainings (they resume as done).
+
+For a GPU: --in-memory decodes the JPEGs once per run instead of once per sample, and --parallel N runs N
+(model, seed) jobs at a time, so that several of these small 32 px models share the GPU (each job is its own
+processes; choose --workers so that N x (workers + 1) fits the CPU cores).
 """
 import argparse
 import json
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from common import checkpoint, launch
 from common.backbones import BACKBONES, config_name
 from common.trainer import PROTOCOLS
 
+MODELS = {row: (backbone, configs) for backbone, entry in BACKBONES.items() for row, configs in entry.cifar.items()}
 CONFIG_WARMUP_EPOCHS = 3  # what every CIFAR-10 config sets; capped below a shorter --epochs
 EVAL_SEED = 0  # fixes the one shuffled order, the same for every model
 # evaluations of an ISTA2 model: row name -> (eval_align, whether to use the rebuilt bank)
@@ -30,11 +36,15 @@ ISTA2_EVALUATIONS = {'batch': ('batch', False), 'bank': ('bank', False), 'bank, 
                      'off': ('off', False)}
 
 
+def loading(args):
+    """The Job settings every run of the study shares."""
+    return dict(batch_size=args.batch_size, workers=args.workers, in_memory=args.in_memory or None)
+
+
 def train(backbone, config, seed, args, out):
     """Train `config` with `seed` into `out`; returns (the run's result, minutes)."""
     warmup = min(CONFIG_WARMUP_EPOCHS, args.epochs - 1) if args.epochs else None
-    job = launch.Job(config, args.data, out, epochs=args.epochs, warmup_epochs=warmup, batch_size=args.batch_size,
-                     seed=seed, workers=args.workers)
+    job = launch.Job(config, args.data, out, epochs=args.epochs, warmup_epochs=warmup, seed=seed, **loading(args))
     start = time.time()
     result = launch.run(backbone, job, args.nproc, log=os.path.join(out, 'train.log'))
     return result, (time.time() - start) / 60
@@ -45,8 +55,7 @@ def evaluate(backbone, config, weights, args, out, name, eval_align=None):
     results = {}
     for protocol in PROTOCOLS:
         job = launch.Job(config, args.data, os.path.join(out, 'eval'), evaluate=True, checkpoint=weights,
-                         protocol=protocol, eval_align=eval_align, batch_size=args.batch_size, seed=EVAL_SEED,
-                         workers=args.workers)
+                         protocol=protocol, eval_align=eval_align, seed=EVAL_SEED, **loading(args))
         results[protocol] = launch.run(backbone, job, log=os.path.join(out, f'eval-{name}-{protocol}.log'))
     return results
 
@@ -57,10 +66,10 @@ def bank_values(weights):
     return sum(v.numel() for k, v in state.items() if k.endswith('.ista2.bank'))
 
 
-def run_seed(backbone, args, seed):
-    """Train both models of `backbone` with `seed` and evaluate them -> {row: figures}."""
-    entry, rows = BACKBONES[backbone], {}
-    baseline, ista2 = entry.cifar[0], entry.cifar_bank
+def run_seed(model, seed, args):
+    """Train the baseline and ISTA2 configs of `model` (a row title) with `seed` and evaluate them -> {row: figures}."""
+    backbone, configs = MODELS[model]
+    baseline, ista2, rows = configs.baseline, configs.bank, {}
     out = os.path.join(args.workdir, backbone, config_name(baseline), f'seed{seed}')
     os.makedirs(out, exist_ok=True)
     result, minutes = train(backbone, baseline, seed, args, out)
@@ -70,8 +79,7 @@ def run_seed(backbone, args, seed):
     os.makedirs(out, exist_ok=True)
     result, minutes = train(backbone, ista2, seed, args, out)
     rebuilt = launch.run(backbone, launch.Job(ista2, args.data, out, rebuild_bank=True, checkpoint=result['weights'],
-                                              batch_size=args.batch_size, seed=seed, workers=args.workers),
-                         log=os.path.join(out, 'rebuild-bank.log'))
+                                              seed=seed, **loading(args)), log=os.path.join(out, 'rebuild-bank.log'))
     for row, (eval_align, use_rebuilt) in ISTA2_EVALUATIONS.items():
         weights = rebuilt['checkpoint'] if use_rebuilt else result['weights']
         rows[f'{config_name(ista2)} [{row}]'] = dict(
@@ -112,19 +120,24 @@ def print_tables(results, seeds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data', required=True, help='CIFAR-10 in ImageNet layout (train/ and val/)')
-    parser.add_argument('--backbones', nargs='+', default=list(BACKBONES), choices=list(BACKBONES))
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1])
     parser.add_argument('--epochs', type=int, default=None, help='override the configs\' 30 epochs')
     parser.add_argument('--batch-size', type=int, default=None, help='override the per-process batch size')
     parser.add_argument('--nproc', type=int, default=1, help='training processes')
     parser.add_argument('--workers', type=int, default=2, help='data-loading workers per process')
+    parser.add_argument('--in-memory', action='store_true', help='decode the images once per run into memory')
+    parser.add_argument('--parallel', type=int, default=1, help='(model, seed) jobs run at a time')
     parser.add_argument('--workdir', default='/tmp/ista2-study')
     args = parser.parse_args()
     args.data, args.workdir = os.path.abspath(args.data), os.path.abspath(args.workdir)
-    results = {seed: {} for seed in args.seeds}
-    for backbone in args.backbones:
-        for seed in args.seeds:
-            rows = run_seed(backbone, args, seed)
+    if args.parallel < 1:
+        parser.error(f'--parallel {args.parallel}: must be at least 1')
+    jobs = [(model, seed) for model in args.models for seed in args.seeds]
+    with ThreadPoolExecutor(args.parallel) as pool:  # threads that wait on the launched processes
+        done = pool.map(lambda job: (job[1], run_seed(*job, args)), jobs)
+        results = {seed: {} for seed in args.seeds}
+        for seed, rows in done:
             results[seed].update(rows)
             for name, row in rows.items():
                 top1 = ', '.join(f'{p} {e["acc1"]:.2f}' for p, e in row['evaluations'].items())

@@ -1,7 +1,10 @@
 """Image-folder datasets, the timm train/eval transforms, samplers and loaders."""
 import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
@@ -49,6 +52,78 @@ def image_folder(path):
         print(f'warning: {path}: skipped {len(skipped)} files without an image extension, e.g. {skipped[0]}',
               file=sys.stderr, flush=True)
     return folder
+
+
+class DecodedImages:
+    """Every image of a folder dataset decoded once (read_rgb) and held as uint8 pixels, H x W x 3 each, in
+    one buffer per CHUNK images. Called with a file path, as the folder's loader is, it returns that image in
+    RGB without reading the file: the same pixels, so training is unchanged, without a decode per sample.
+    Data-loading workers share the buffers with their parent process (fork). Decoding stops with an error
+    as soon as the images decoded so far take more than `budget_bytes`."""
+    CHUNK = 256
+
+    def __init__(self, paths, budget_bytes, option, threads):
+        self.index = {path: i for i, path in enumerate(paths)}
+        self.chunks = []  # (pixels (bytes,), offsets (n + 1,), shapes (n, 2): H, W) per CHUNK images
+        pool = ThreadPoolExecutor(threads)  # PIL decodes without holding the GIL
+        try:
+            for chunk in pool.map(decode_chunk, [paths[i:i + self.CHUNK] for i in range(0, len(paths), self.CHUNK)]):
+                self.chunks.append(chunk)
+                if self.nbytes > budget_bytes:
+                    done = sum(len(shapes) for _, _, shapes in self.chunks)
+                    raise ConfigError(
+                        f'{option}: the first {done:,} of {len(paths):,} images take {self.nbytes / 2 ** 30:.2f} GiB '
+                        f'decoded (all of them about {self.nbytes / done * len(paths) / 2 ** 30:.1f} GiB), more than '
+                        f'the {budget_bytes / 2 ** 30:.1f} GiB this process may take (80% of the memory available, '
+                        f'shared by the processes on this machine); leave {option} off')
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+    def __call__(self, path):
+        pixels, offsets, shapes = self.chunks[self.index[path] // self.CHUNK]
+        i = self.index[path] % self.CHUNK
+        return Image.fromarray(pixels[offsets[i]:offsets[i + 1]].reshape(*shapes[i], 3))
+
+    @property
+    def nbytes(self):
+        return sum(int(pixels.nbytes) for pixels, _, _ in self.chunks)
+
+
+def decode_chunk(paths):
+    """The images at `paths` decoded, as (their pixels in one uint8 buffer, offsets into it, (H, W) each)."""
+    images = [np.asarray(read_rgb(path)) for path in paths]
+    shapes = np.array([image.shape[:2] for image in images], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1] * 3)])
+    return np.concatenate([image.reshape(-1) for image in images]), offsets, shapes
+
+
+def available_memory():
+    """Bytes of memory available to new allocations (Linux MemAvailable; elsewhere free pages)."""
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration):
+        try:
+            return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (ValueError, OSError):  # neither is known here: no limit is checked
+            return float('inf')
+
+
+def hold_in_memory(dataset, option, log):
+    """Decode every image of the folder `dataset` once and serve it from memory from now on (DecodedImages);
+    `option` is the user's name for this, for messages. Each process holds its own copy."""
+    if not isinstance(dataset, datasets.DatasetFolder):
+        log(f'{option}: {type(dataset).__name__} holds its images in memory already')
+        return
+    if isinstance(dataset.loader, DecodedImages):
+        return
+    processes = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    start = time.time()
+    images = DecodedImages([path for path, _ in dataset.samples], 0.8 * available_memory() / processes, option,
+                           threads=max(1, min(32, (os.cpu_count() or 1) // processes)))
+    dataset.loader = images
+    log(f'{option}: {dataset.root}: {len(dataset.samples):,} images decoded into memory '
+        f'({images.nbytes / 2 ** 20:,.0f} MiB) in {time.time() - start:.1f} s')
 
 
 def image_folders(root, train='train', val='val'):

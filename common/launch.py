@@ -34,6 +34,7 @@ class Job:
     batch_size: int | None = None  # per process; the trainer derives its evaluation batch from it as usual
     seed: int | None = None
     workers: int | None = None
+    in_memory: bool | None = None  # decode the image folders once into memory (small data sets)
     extra: dict = field(default_factory=dict)  # more of the backbone's own flags or config keys -> value
 
 

@@ -139,6 +139,7 @@ class Recipe:
     workers: int = 0
     names: dict = field(default_factory=dict)
     pin_memory: bool = True
+    in_memory: bool = False  # decode the image folders once into memory (data.hold_in_memory)
     train_sampler: str = 'distributed'  # or 'repeated' (DeiT's repeated augmentation)
     eval_sharded: bool = True  # each rank evaluates its own share, or every rank all of it
     protocol: str = 'class-order'
@@ -194,6 +195,12 @@ def eval_loader(session, recipe):
                                 recipe.seed)
     return data.loader(recipe.val_set, sampler, protocol['batch_size'] or recipe.eval_batch_size, recipe.workers,
                        pin(session, recipe), False)
+
+
+def hold_in_memory(session, recipe, *datasets):
+    """With recipe.in_memory, decode each dataset's images once into memory (data.hold_in_memory)."""
+    for images in datasets if recipe.in_memory else ():
+        data.hold_in_memory(images, recipe.name('in_memory'), session.log)
 
 
 def pin(session, recipe):
@@ -291,6 +298,7 @@ def evaluate(session, model, recipe):
     restore(model, path, recipe, session.log)
     session.log(f'=> loaded {path}')
     model.to(session.runtime.device)
+    hold_in_memory(session, recipe, recipe.val_set)
     stats = validate(session, model, eval_loader(session, recipe), recipe, recipe.eval_amp)
     return report({'checkpoint': path, **stats, 'peak_memory_mib': peak_memory_mib(session.runtime.device)})
 
@@ -316,6 +324,7 @@ def rebuild_bank(session, model, recipe):
     ckpt = restore(model, path, recipe, session.log)
     runtime = session.runtime
     model.to(runtime.device)
+    hold_in_memory(session, recipe, recipe.train_set)
     images = copy.copy(recipe.train_set)
     images.transform = recipe.val_set.transform
     # every rank the same number of equal batches (padded), as each forward exchanges representatives
@@ -349,6 +358,7 @@ def train(session, model, recipe):
     n_parameters = sum(p.numel() for p in bare_model.parameters() if p.requires_grad)
     log(f'number of params: {n_parameters}')
 
+    hold_in_memory(session, recipe, recipe.train_set, recipe.val_set)
     sampler = data.train_sampler(recipe.train_set, runtime, recipe.train_sampler, recipe.seed)
     train_loader = data.loader(recipe.train_set, sampler, recipe.batch_size, recipe.workers, pin(session, recipe),
                                True)

@@ -50,10 +50,13 @@ PVT_BANK = ("cfg = dict(model='pvt_v2_b0', ista2_args=dict(qk_norm=True, v_norm=
             "attn_inter_topk=1, rep_tkn_type='mean', eval_align='bank', bank_size=16))\n")
 
 
-def trainer_cli(name, action, data, tmp_path, checkpoint=None, eval_align='bank'):
+IN_MEMORY = {'pvt': ['--data-in-memory'], 'swin': ['DATA.IN_MEMORY', 'True'], 'cvt': ['DATASET.IN_MEMORY', 'True']}
+
+
+def trainer_cli(name, action, data, tmp_path, checkpoint=None, eval_align='bank', in_memory=False):
     """Run trainer `name`'s own command for `action` ('train' one epoch, 'evaluate' or 'rebuild' `checkpoint`) on its
-    small ISTA2 model with eval_align='bank' and 16-row banks (`eval_align` replaces it for evaluation) -> (the
-    output, the path of the checkpoint training writes)."""
+    small ISTA2 model with eval_align='bank' and 16-row banks (`eval_align` replaces it for evaluation), the images
+    decoded into memory first if `in_memory` -> (the output, the path of the checkpoint training writes)."""
     out = str(tmp_path / 'out')
     if name == 'pvt':
         config = tmp_path / 'pvt_v2_b0_bank.py'
@@ -63,8 +66,12 @@ def trainer_cli(name, action, data, tmp_path, checkpoint=None, eval_align='bank'
                  'rebuild': ['main.py', '--rebuild-bank', '--resume', checkpoint]}[action]
         if action != 'train':
             words += ['--config', str(config), '--data-path', data, *pvt.FAST]
+        if in_memory:
+            words += IN_MEMORY[name]
         return run(pvt.CWD, words), tmp_path / 'out' / 'checkpoint.pth'
     opts = ['MODEL.ISTA2.EVAL_ALIGN', eval_align, 'MODEL.ISTA2.BANK_SIZE', '16']
+    if in_memory:
+        opts += IN_MEMORY[name]
     if name == 'swin':
         flags = {'train': (), 'evaluate': ('--eval', '--resume', checkpoint),
                  'rebuild': ('--rebuild-bank', '--resume', checkpoint)}[action]
@@ -95,13 +102,14 @@ def test_each_trainer_saves_the_bank_rebuilds_it_by_one_command_and_loads_it_int
     source = path.read_bytes()
     rebuilt_path = path.with_name(path.stem + '_bank.pth')
     banks = []
-    for _ in range(2):
-        output, _ = trainer_cli(name, 'rebuild', tiny_data, tmp_path, str(path))
+    for in_memory in (False, True):  # the second reads the images decoded into memory: the same pixels
+        output, _ = trainer_cli(name, 'rebuild', tiny_data, tmp_path, str(path), in_memory=in_memory)
         assert f'{rebuilt_path}: the banks of' in output and f'{path} is unchanged' in output
+        assert ('80 images decoded into memory' in output) == in_memory
         rebuilt = weights(rebuilt_path)
         banks.append({k: v for k, v in rebuilt.items() if '.ista2.bank' in k})
     assert path.read_bytes() == source
-    assert all(torch.equal(v, banks[1][k]) for k, v in banks[0].items())  # the same images, in one seeded order
+    assert all(torch.equal(v, banks[1][k]) for k, v in banks[0].items())  # the same pixels, in one seeded order
     assert {k: v for k, v in rebuilt.items() if '.ista2.bank' not in k}.keys() == \
         {k: v for k, v in trained.items() if '.ista2.bank' not in k}.keys()
     assert all(torch.equal(rebuilt[k], v) for k, v in trained.items() if '.ista2.bank' not in k)

@@ -10,7 +10,8 @@ from tests.conftest import ROOT
 
 def test_study_runs_and_only_batch_mode_ista2_depends_on_batching(tiny_data, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'cifar_study.py'), '--data', tiny_data,
-                          '--backbones', 'pvt', '--epochs', '1', '--batch-size', '8', '--seeds', '0', '--workers', '0',
+                          '--models', 'PVTv2-B0', '--in-memory', '--epochs', '1', '--batch-size', '8', '--seeds', '0',
+                          '--workers', '0',
                           '--workdir', str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     table = out.stdout.split('top-1 (%)')[1].split('evaluation cost')[0]

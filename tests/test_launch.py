@@ -16,7 +16,8 @@ from common.backbones import BACKBONES, imported
 from common.trainer import PROTOCOLS
 from tests.conftest import ROOT, trainer_env
 
-SETTINGS = dict(data='/data/tiny', output='/runs/job', epochs=7, warmup_epochs=2, batch_size=5, seed=3, workers=1)
+SETTINGS = dict(data='/data/tiny', output='/runs/job', epochs=7, warmup_epochs=2, batch_size=5, seed=3, workers=1,
+                in_memory=True)
 NPROC, PORT = 2, 29555
 
 
@@ -63,7 +64,8 @@ def pvt(script, argv):
     return dict(action='evaluate' if args.eval else 'rebuild_bank' if args.rebuild_bank else 'train',
                 config=args.config, data=args.data_path, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
                 batch_size=args.batch_size, seed=args.seed, workers=args.num_workers, protocol=args.eval_protocol,
-                checkpoint=args.resume or None, eval_align=args.eval_align)
+                checkpoint=args.resume or None, eval_align=args.eval_align,
+                in_memory=args.data_in_memory)
 
 
 def swin(script, argv):
@@ -72,7 +74,8 @@ def swin(script, argv):
                 config=args.cfg, data=config.DATA.DATA_PATH, epochs=config.TRAIN.EPOCHS,
                 warmup_epochs=config.TRAIN.WARMUP_EPOCHS, batch_size=config.DATA.BATCH_SIZE, seed=config.SEED,
                 workers=config.DATA.NUM_WORKERS, protocol=config.TEST.PROTOCOL,
-                checkpoint=config.MODEL.RESUME or None, eval_align=config.MODEL.ISTA2.EVAL_ALIGN)
+                checkpoint=config.MODEL.RESUME or None, eval_align=config.MODEL.ISTA2.EVAL_ALIGN,
+                in_memory=config.DATA.IN_MEMORY)
 
 
 def cvt(script, argv, monkeypatch):
@@ -86,7 +89,8 @@ def cvt(script, argv, monkeypatch):
                 warmup_epochs=config.TRAIN.LR_SCHEDULER.ARGS.warmup_epochs,
                 batch_size=(config.TRAIN.BATCH_SIZE_PER_GPU, config.TEST.BATCH_SIZE_PER_GPU), seed=config.SEED,
                 workers=config.WORKERS, protocol=config.TEST.PROTOCOL,
-                checkpoint=config.TEST.MODEL_FILE or None, eval_align=config.MODEL.ISTA2.EVAL_ALIGN)
+                checkpoint=config.TEST.MODEL_FILE or None, eval_align=config.MODEL.ISTA2.EVAL_ALIGN,
+                in_memory=config.DATASET.IN_MEMORY)
 
 
 def parsed(backbone, job, monkeypatch, tmp_path):
@@ -111,14 +115,15 @@ def parsed(backbone, job, monkeypatch, tmp_path):
 def test_every_command_is_what_the_front_end_reads(backbone, action, monkeypatch, tmp_path):
     """A training job (validating under 'shuffled', with the bank), an evaluation under each protocol (aligning
     with the batch in place of the config's bank), or a bank rebuild."""
-    config = BACKBONES[backbone].cifar_bank
+    config = next(iter(BACKBONES[backbone].cifar.values())).bank
     evaluate = action in PROTOCOLS
     job = launch.Job(config, evaluate=evaluate, rebuild_bank=action == 'rebuild_bank',
                      protocol=action if evaluate else 'shuffled', eval_align='batch' if evaluate else 'bank',
                      checkpoint=None if action == 'train' else '/runs/job/weights.pth', **SETTINGS)
     expected = dict(action='evaluate' if evaluate else action, config=config, data=job.data, epochs=job.epochs,
                     warmup_epochs=job.warmup_epochs, batch_size=job.batch_size, seed=job.seed, workers=job.workers,
-                    protocol=job.protocol, checkpoint=job.checkpoint, eval_align=job.eval_align)
+                    protocol=job.protocol, checkpoint=job.checkpoint, eval_align=job.eval_align,
+                    in_memory=True)
     if backbone == 'cvt':
         expected['batch_size'] = (job.batch_size, job.batch_size)
     assert parsed(backbone, job, monkeypatch, tmp_path) == expected
@@ -127,7 +132,7 @@ def test_every_command_is_what_the_front_end_reads(backbone, action, monkeypatch
 @pytest.mark.parametrize('backbone', BACKBONES)
 def test_the_study_caps_the_warmup_its_configs_set(backbone, monkeypatch, tmp_path):
     study = load('cifar_study', ROOT / 'benchmarks' / 'cifar_study.py')
-    for config in (*BACKBONES[backbone].cifar, BACKBONES[backbone].cifar_bank):
+    for config in (c for configs in BACKBONES[backbone].cifar.values() for c in configs):
         job = launch.Job(config, **{**SETTINGS, 'warmup_epochs': None})
         assert parsed(backbone, job, monkeypatch, tmp_path)['warmup_epochs'] == study.CONFIG_WARMUP_EPOCHS
 
@@ -140,8 +145,8 @@ def test_a_checkpoint_is_for_evaluation_and_pvt_takes_no_config_keys():
 
 
 def test_cvt_trains_and_evaluates_with_structured_results(tiny_data, tmp_path):
-    job = launch.Job(BACKBONES['cvt'].cifar[1], tiny_data, str(tmp_path / 'run'), epochs=1, warmup_epochs=0,
-                     batch_size=8, seed=0, workers=0)
+    job = launch.Job(BACKBONES['cvt'].cifar['CvT-13'].ista2, tiny_data, str(tmp_path / 'run'), epochs=1,
+                     warmup_epochs=0, batch_size=8, seed=0, workers=0)
     trained = launch.run('cvt', job, log=tmp_path / 'train.log')
     assert set(trained) == {'epochs', 'best_acc1', 'test', 'train', 'n_parameters', 'weights', 'process_group'}
     assert trained['process_group'] is None  # one CPU process joins no group

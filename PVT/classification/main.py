@@ -97,6 +97,9 @@ def get_args_parser():
     p.add_argument('--rebuild-bank', action='store_true', default=False,
                    help="refill the ISTA2 banks of --resume (or OUTPUT_DIR/checkpoint.pth) from training images and "
                         'write <name>_bank.pth (not upstream)')
+    p.add_argument('--data-in-memory', action='store_true', default=False,
+                   help='decode the image folders once into memory before the first epoch; for small data sets '
+                        'such as CIFAR-10 (not upstream)')
     p.add_argument('--num_workers', type=int, default=10)
     p.add_argument('--pin-mem', action='store_true')
     p.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
@@ -198,7 +201,7 @@ NAMES = {'epochs': '--epochs', 'warmup_epochs': '--warmup-epochs', 'batch_size':
          'start_epoch': '--start_epoch', 'lr': '--lr', 'weight_decay': '--weight-decay', 'clip_grad': '--clip-grad',
          'smoothing': '--smoothing', 'resume': '--resume', 'evaluate': '--eval', 'folder': 'an --output_dir',
          'protocol': '--eval-protocol', 'eval_align': "--eval-align or ista2_args['eval_align']",
-         'rebuild_bank': '--rebuild-bank'}
+         'rebuild_bank': '--rebuild-bank', 'in_memory': '--data-in-memory'}
 
 
 def main(args):
@@ -222,6 +225,7 @@ def main(args):
     recipe = trainer.Recipe(
         train_set, val_set, names=NAMES, seed=args.seed, batch_size=args.batch_size,
         eval_batch_size=int(1.5 * args.batch_size), workers=args.num_workers, pin_memory=args.pin_mem,
+        in_memory=args.data_in_memory,
         train_sampler='repeated' if args.repeated_aug else 'distributed', eval_sharded=args.dist_eval,
         protocol=trainer.resolve_protocol(args.eval_protocol, '--eval-protocol', args.shuffle_eval, '--shuffle-eval'),
         epochs=args.epochs, start_epoch=args.start_epoch,

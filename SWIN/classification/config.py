@@ -21,6 +21,7 @@ _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = 'part'
 _C.DATA.PIN_MEMORY = True
+_C.DATA.IN_MEMORY = False  # added: decode the image folders once into memory (common/data.py)
 _C.DATA.NUM_WORKERS = 8
 _C.DATA.MASK_PATCH_SIZE = 32
 _C.DATA.MASK_RATIO = 0.6

@@ -53,7 +53,8 @@ def parse_option(argv=None):
         p.error('--eval, --throughput and --rebuild-bank: give one of them')
     if args.cache_mode is not None:
         p.error(f'--cache-mode {args.cache_mode} caches zipped ImageNet (--zip), which is not supported here; '
-                f'use an image folder and leave --cache-mode out')
+                f'use an image folder and leave --cache-mode out (DATA.IN_MEMORY True '
+                f'decodes a small one into memory)')
     return args, get_config(args)
 
 
@@ -112,7 +113,7 @@ NAMES = {'epochs': 'TRAIN.EPOCHS', 'warmup_epochs': 'TRAIN.WARMUP_EPOCHS',
          'lr': 'TRAIN.BASE_LR', 'weight_decay': 'TRAIN.WEIGHT_DECAY', 'clip_grad': 'TRAIN.CLIP_GRAD',
          'smoothing': 'MODEL.LABEL_SMOOTHING', 'resume': '--resume', 'evaluate': '--eval', 'folder': 'a run folder',
          'protocol': 'TEST.PROTOCOL', 'print_freq': 'PRINT_FREQ', 'eval_align': 'MODEL.ISTA2.EVAL_ALIGN',
-         'rebuild_bank': '--rebuild-bank'}
+         'rebuild_bank': '--rebuild-bank', 'in_memory': 'DATA.IN_MEMORY'}
 
 
 def load_pretrained(config, model, log):
@@ -181,6 +182,7 @@ def main(config, rebuild_bank=False):
     recipe = trainer.Recipe(
         train_set, val_set, names=NAMES, seed=config.SEED, batch_size=config.DATA.BATCH_SIZE,
         eval_batch_size=config.DATA.BATCH_SIZE, workers=config.DATA.NUM_WORKERS, pin_memory=config.DATA.PIN_MEMORY,
+        in_memory=config.DATA.IN_MEMORY,
         eval_sharded=not config.TEST.SEQUENTIAL,
         protocol=trainer.resolve_protocol(config.TEST.PROTOCOL, 'TEST.PROTOCOL', config.TEST.SHUFFLE, 'TEST.SHUFFLE'),
         epochs=config.TRAIN.EPOCHS, start_epoch=config.TRAIN.START_EPOCH,

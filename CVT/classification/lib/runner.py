@@ -133,6 +133,7 @@ def recipe(config, session, train_set, val_set, phase):
     return trainer.Recipe(
         train_set, val_set, seed=config.SEED, batch_size=config.TRAIN.BATCH_SIZE_PER_GPU,
         eval_batch_size=config.TEST.BATCH_SIZE_PER_GPU, workers=config.WORKERS, pin_memory=config.PIN_MEMORY,
+        in_memory=config.DATASET.IN_MEMORY,
         train_sampler=SAMPLERS[config.DATASET.SAMPLER],
         protocol=trainer.resolve_protocol(config.TEST.PROTOCOL, 'TEST.PROTOCOL', config.TEST.SHUFFLE, 'TEST.SHUFFLE'),
         epochs=config.TRAIN.END_EPOCH, start_epoch=config.TRAIN.BEGIN_EPOCH, optimizer=opt, param_groups=groups,
@@ -154,7 +155,7 @@ def recipe(config, session, train_set, val_set, phase):
                'smoothing': 'LOSS.LABEL_SMOOTHING', 'resume': 'TRAIN.CHECKPOINT' if phase == 'train' else
                'TEST.MODEL_FILE', 'evaluate': 'tools/test.py', 'folder': 'a run folder', 'protocol': 'TEST.PROTOCOL',
                'print_freq': 'PRINT_FREQ', 'eval_align': 'MODEL.ISTA2.EVAL_ALIGN',
-               'rebuild_bank': 'bash run.sh -t rebuild_bank'})
+               'rebuild_bank': 'bash run.sh -t rebuild_bank', 'in_memory': 'DATASET.IN_MEMORY'})
 
 
 def on_model_file(action, phase, description):

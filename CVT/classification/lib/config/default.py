@@ -63,6 +63,7 @@ _C.DATASET.ROOT = ''
 _C.DATASET.DATASET = 'imagenet'
 _C.DATASET.TRAIN_SET = 'train'
 _C.DATASET.TEST_SET = 'val'
+_C.DATASET.IN_MEMORY = False  # added: decode the image folders once into memory (common/data.py)
 _C.DATASET.DATA_FORMAT = 'jpg'
 _C.DATASET.LABELMAP = ''
 _C.DATASET.TRAIN_TSV_LIST = []
