@@ -65,7 +65,7 @@ class DecodedImages:
     def __init__(self, paths, budget_bytes, option, threads):
         self.index = {path: i for i, path in enumerate(paths)}
         self.chunks = []  # (pixels (bytes,), offsets (n + 1,), shapes (n, 2): H, W) per CHUNK images
-        pool = ThreadPoolExecutor(threads)  # PIL decodes without holding the GIL
+        pool = ThreadPoolExecutor(threads)  # file reads and PIL's decoders run without the GIL
         try:
             for chunk in pool.map(decode_chunk, [paths[i:i + self.CHUNK] for i in range(0, len(paths), self.CHUNK)]):
                 self.chunks.append(chunk)

@@ -526,7 +526,6 @@ class TensorBoard:
         self.writer.close()
 
 
-
 def decay_groups(model, exempt):
     """The model's trainable parameters as [{'params': decayed}, {'params': the rest, 'weight_decay': 0}];
     exempt(module, full_name, name, param) picks the parameters without weight decay."""

@@ -1,5 +1,5 @@
 """The study script end to end (PVT, one epoch on the tiny dataset): the baseline and the ISTA2 model evaluated
-four ways, each under three protocols, with costs and a results file."""
+four ways, each under three protocols, with costs and a results file; every run reads the images from memory."""
 import json
 import re
 import subprocess
@@ -14,6 +14,8 @@ def test_study_runs_and_only_batch_mode_ista2_depends_on_batching(tiny_data, tmp
                           '--workers', '0',
                           '--workdir', str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    training = (tmp_path / 'pvt' / 'pvt_v2_b0' / 'seed0' / 'train.log').read_text()
+    assert 'train: 80 images decoded into memory' in training and 'val: 40 images decoded into memory' in training
     table = out.stdout.split('top-1 (%)')[1].split('evaluation cost')[0]
     rows = {line.split('  ')[0]: [float(x) for x in re.findall(r'([\d.]+) ±', line)]
             for line in table.splitlines() if line.startswith('pvt_v2_b0')}
