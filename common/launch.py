@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 
 from common.backbones import BACKBONES, ROOT
@@ -71,10 +72,20 @@ def command(backbone, job, nproc=1, port=0, python='python'):
     return launcher + flags + ([*entry.keys_after, *keys] if keys else [])
 
 
+PORTS_GIVEN, PORTS_LOCK = set(), threading.Lock()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    """A port free now and never handed out before by this process, so that runs launched at the same time
+    from several threads (benchmarks/cifar_study.py --parallel) do not get the same master port."""
+    with PORTS_LOCK:
+        while True:
+            with socket.socket() as s:
+                s.bind(('127.0.0.1', 0))
+                port = s.getsockname()[1]
+            if port not in PORTS_GIVEN:
+                PORTS_GIVEN.add(port)
+                return port
 
 
 def run(backbone, job, nproc=1, *, log, show=False, timeout=None):

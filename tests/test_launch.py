@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -173,3 +174,9 @@ def test_a_failed_run_names_its_command_status_and_log(code, problem, monkeypatc
     assert code in message and problem in message and str(log) in message
     if 'range' in code:
         assert message.endswith('\n'.join(map(str, range(15, 30))))
+
+
+def test_runs_launched_at_once_from_several_threads_get_distinct_ports():
+    with ThreadPoolExecutor(8) as pool:
+        ports = list(pool.map(lambda _: launch.free_port(), range(200)))
+    assert len(set(ports)) == 200
