@@ -65,12 +65,14 @@ class DecodedImages:
     def __init__(self, paths, budget_bytes, option, threads):
         self.index = {path: i for i, path in enumerate(paths)}
         self.chunks = []  # (pixels (bytes,), offsets (n + 1,), shapes (n, 2): H, W) per CHUNK images
+        self.nbytes = done = 0
         pool = ThreadPoolExecutor(threads)  # file reads and PIL's decoders run without the GIL
         try:
             for chunk in pool.map(decode_chunk, [paths[i:i + self.CHUNK] for i in range(0, len(paths), self.CHUNK)]):
                 self.chunks.append(chunk)
+                self.nbytes += chunk[0].nbytes
+                done += len(chunk[2])
                 if self.nbytes > budget_bytes:
-                    done = sum(len(shapes) for _, _, shapes in self.chunks)
                     raise ConfigError(
                         f'{option}: the first {done:,} of {len(paths):,} images take {self.nbytes / 2 ** 30:.2f} GiB '
                         f'decoded (all of them about {self.nbytes / done * len(paths) / 2 ** 30:.1f} GiB), more than '
@@ -80,13 +82,9 @@ class DecodedImages:
             pool.shutdown(cancel_futures=True)
 
     def __call__(self, path):
-        pixels, offsets, shapes = self.chunks[self.index[path] // self.CHUNK]
-        i = self.index[path] % self.CHUNK
+        chunk, i = divmod(self.index[path], self.CHUNK)
+        pixels, offsets, shapes = self.chunks[chunk]
         return Image.fromarray(pixels[offsets[i]:offsets[i + 1]].reshape(*shapes[i], 3))
-
-    @property
-    def nbytes(self):
-        return sum(int(pixels.nbytes) for pixels, _, _ in self.chunks)
 
 
 def decode_chunk(paths):
@@ -114,8 +112,6 @@ def hold_in_memory(dataset, option, log):
     `option` is the user's name for this, for messages. Each process holds its own copy."""
     if not isinstance(dataset, datasets.DatasetFolder):
         log(f'{option}: {type(dataset).__name__} holds its images in memory already')
-        return
-    if isinstance(dataset.loader, DecodedImages):
         return
     processes = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     start = time.time()

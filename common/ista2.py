@@ -587,6 +587,11 @@ class ISTA2(nn.Module):
         return torch.addcmul((weights[..., 1:, None] * chosen).sum(-2), weights[..., :1], v_heads).view(m, tokens, c)
 
 
+def bank_layers(model):
+    """The ISTA2 layers of `model` that evaluate against a bank (eval_align='bank')."""
+    return [m for m in model.modules() if isinstance(m, ISTA2) and m.eval_align == 'bank']
+
+
 def rebuild_banks(model, batches):
     """Refill the representative bank of every ISTA2 layer of `model` with eval_align='bank' (e.g. after loading
     a checkpoint without banks): the bank is emptied, then the batches of `batches` (input tensors, or
@@ -594,7 +599,7 @@ def rebuild_banks(model, batches):
     mode, no gradient: no dropout, no change to batch-norm statistics), every ISTA2 layer aligning against the
     batch as in training and queueing its representatives, until every bank is full. Run it on every rank when
     distributed, with equal batches (each call exchanges the representatives). Returns the images used."""
-    banks = [m for m in model.modules() if isinstance(m, ISTA2) and m.eval_align == 'bank']
+    banks = bank_layers(model)
     if not banks:
         raise ValueError("rebuild_banks: the model has no ISTA2 layer with eval_align='bank'")
     was_training, images = model.training, 0

@@ -34,7 +34,7 @@ from torch.utils.data import DistributedSampler
 
 from common import checkpoint, data, engine
 from common.errors import ConfigError, UserError
-from common.ista2 import ISTA2, rebuild_banks
+from common.ista2 import bank_layers, rebuild_banks
 from common.runtime import Runtime, init_runtime, seed_all, shutdown
 
 # Evaluation protocols: the order of the validation set and the evaluation batch size. 'class-order' is
@@ -199,8 +199,9 @@ def eval_loader(session, recipe):
 
 def hold_in_memory(session, recipe, *datasets):
     """With recipe.in_memory, decode each dataset's images once into memory (data.hold_in_memory)."""
-    for images in datasets if recipe.in_memory else ():
-        data.hold_in_memory(images, recipe.name('in_memory'), session.log)
+    if recipe.in_memory:
+        for images in datasets:
+            data.hold_in_memory(images, recipe.name('in_memory'), session.log)
 
 
 def pin(session, recipe):
@@ -216,7 +217,7 @@ def validate(session, model, loader, recipe, amp):
     return {**stats, 'protocol': recipe.protocol, 'seconds': time.time() - start}
 
 
-BANK_KEYS = ('.ista2.bank',)  # ISTA2's representative banks (bank, bank_count): evaluation state, not weights
+BANK_KEY = '.ista2.bank'  # in the keys of ISTA2's representative banks (bank, bank_count): evaluation state
 
 
 def restore(model, path, recipe, log):
@@ -228,16 +229,16 @@ def restore(model, path, recipe, log):
     state = checkpoint.model_state(ckpt, keys=(recipe.checkpoints.model_key,))
     bare = state is ckpt
     own = model.state_dict()
-    unused = [k for k in state if k not in own and any(p in k for p in BANK_KEYS)]
+    unused = [k for k in state if k not in own and BANK_KEY in k]
     if unused:
         log(f"{path} holds ISTA2 representative banks ({len(unused)} tensors) that this model does not use: its "
             f"ISTA2 layers evaluate with eval_align other than 'bank' ({recipe.name('eval_align')})")
         state = {k: v for k, v in state.items() if k not in unused}
     missing = checkpoint.load_weights(model, state, source=path, allowed_missing=recipe.checkpoints.tolerated_missing
-                                      + (('.ista2.',) if bare else BANK_KEYS))
+                                      + ('.ista2.' if bare else BANK_KEY,))
     if missing:
         log(f'{path} has no values for {len(missing)} keys, left as this model initialised them: {missing}')
-    if any(p in k for k in missing for p in BANK_KEYS):
+    if any(BANK_KEY in k for k in missing):
         log(f"{path} has no ISTA2 representative banks: layers with eval_align='bank' evaluate without alignment "
             f"until the banks are rebuilt from training images: {recipe.name('rebuild_bank')}")
     return ckpt
@@ -316,7 +317,7 @@ def rebuild_bank(session, model, recipe):
     every bank is full or the images run out; write the checkpoint with its new banks as <name>_bank.pth into
     the run's folder (beside the source without one), leaving the source as it was."""
     check_numbers(recipe, training=False)
-    layers = [m for m in model.modules() if isinstance(m, ISTA2) and m.eval_align == 'bank']
+    layers = bank_layers(model)
     if not layers:
         raise ConfigError(f"{recipe.name('rebuild_bank')}: this model has no ISTA2 layer with eval_align='bank'; set "
                           f"{recipe.name('eval_align')} to bank")
