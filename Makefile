@@ -1,22 +1,45 @@
-# VENV can point anywhere, e.g. `make test VENV=~/venvs/ista2`.
+# Two tested stacks: the paper's (requirements.txt, in VENV) and today's releases (requirements-latest.txt,
+# in VENV_LATEST). Either venv can live anywhere, e.g. `make test VENV=~/venvs/ista2`.
 VENV ?= .venv
+VENV_LATEST ?= .venv-latest
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --disable-pip-version-check -q
+PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: venv test demo table bench gpu-check
+.PHONY: venv venv-latest test test-latest demo table bench gpu-check
+
+# $(1): the venv folder, $(2): its requirements file. The venv is (re)filled when the file changes; the
+# editable install is redone every time, since a reused venv may point at another checkout.
+define fill_venv
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python -m pip $(PIP_FLAGS) install -r $(2)
+	cp $(2) $(1)/.requirements
+endef
+define install_project
+	$(1)/bin/python -m pip $(PIP_FLAGS) install --no-deps --no-build-isolation -e .
+endef
+# lint, then the whole suite in two test processes (one test file each), with the python of venv $(1)
+define suite
+	$(1)/bin/python -m ruff check common tests benchmarks PVT SWIN CVT
+	$(1)/bin/python -m pytest -q -n 2 --dist loadfile
+endef
 
 $(VENV)/.requirements: requirements.txt
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -r requirements.txt
-	cp requirements.txt $@
+	$(call fill_venv,$(VENV),requirements.txt)
 
-# The editable install is redone every time: a reused venv may point at another checkout.
+$(VENV_LATEST)/.requirements: requirements-latest.txt
+	$(call fill_venv,$(VENV_LATEST),requirements-latest.txt)
+
 venv: $(VENV)/.requirements
-	$(PIP) install --no-deps --no-build-isolation -e .
+	$(call install_project,$(VENV))
+
+venv-latest: $(VENV_LATEST)/.requirements
+	$(call install_project,$(VENV_LATEST))
 
 test: venv
-	$(PY) -m ruff check common tests benchmarks PVT SWIN CVT
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(call suite,$(VENV))
+
+test-latest: venv-latest
+	$(call suite,$(VENV_LATEST))
 
 demo: venv
 	cd PVT/classification && $(abspath $(PY)) demo.py

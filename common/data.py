@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import auto_augment as timm_augment
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.distributed_sampler import RepeatAugSampler
@@ -150,7 +151,28 @@ def train_transform(input_size, color_jitter=0.4, auto_augment='rand-m9-mstd0.5-
                          scale=scale, ratio=ratio, hflip=hflip, vflip=vflip, mean=mean, std=std)
     if input_size <= 32:
         t.transforms[0] = transforms.RandomCrop(input_size, padding=4)
+    for op in _augment_ops(t):
+        if op.aug_fn is timm_augment.posterize:
+            op.aug_fn = posterize
     return t
+
+
+def posterize(img, bits_to_keep, **_):
+    """timm's posterize, with 0 bits meaning a black image as in Pillow <= 10. RandAugment's 'inc1' posterize
+    keeps 4 - 4 * magnitude / 10 bits, so 0 at magnitude 10 (the clipped tail of 'm9-mstd0.5'); Pillow 11
+    made 0 bits a ValueError, and timm (1.0.11 to 1.0.31 at least) still asks for it."""
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return timm_augment.posterize(img, bits_to_keep)
+
+
+def _augment_ops(transform):
+    """The timm AugmentOps inside a Compose: RandAugment and AugMix hold `ops`, AutoAugment a `policy` of
+    lists of them."""
+    for t in getattr(transform, 'transforms', ()):
+        yield from getattr(t, 'ops', ())
+        for sub_policy in getattr(t, 'policy', ()):
+            yield from sub_policy
 
 
 def eval_transform(input_size, crop_pct=224 / 256, interpolation='bicubic', center_crop=True,

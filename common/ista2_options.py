@@ -50,7 +50,7 @@ def _is_int(value):
 
 
 def _ratio(name, value):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1
     require(ok, name, value, 'a number in (0, 1]')
     return float(value)
 
@@ -173,7 +173,7 @@ def stage_options(node, num_stages, per_stage=()):
     options = {key.lower(): value for key, value in node.items()}
     for name in per_stage:
         values = options[name]
-        if values is not None and (not isinstance(values, (list, tuple)) or len(values) != num_stages):
+        if values is not None and (not isinstance(values, list | tuple) or len(values) != num_stages):
             raise ConfigError(f'MODEL.ISTA2.{name.upper()}={values!r}: give one value per stage ({num_stages})')
     return [{name: value[i] if name in per_stage and value is not None else value for name, value in options.items()}
             for i in range(num_stages)]

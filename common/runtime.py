@@ -49,12 +49,21 @@ def init_runtime(device=None):
     # On GPUs a torchrun launch joins a group even alone, so one GPU exercises NCCL (evaluation's all_reduce)
     launched = 'TORCHELASTIC_RUN_ID' in os.environ
     if (world > 1 or (launched and dev.type == 'cuda')) and not dist.is_initialized():
-        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://',
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', store=_group_store(rank, world),
                                 rank=rank, world_size=world)
         dist.barrier()
     if dev.type == 'cpu':
         tune_cpu()
     return Runtime(rank, world, local, dev)
+
+
+def _group_store(rank, world):
+    """The key-value store torchrun's environment names (env://), its keys prefixed by torchrun's restart count.
+    torchrun (torch 2.14 at least; 2.4 did not) keeps one store across the restarts of --max-restarts, so without
+    the prefix a restarted rank can read the address a killed rank published there and fail to connect (gloo:
+    'connectFullMesh failed ... Connection refused') or wait on it."""
+    store, _, _ = next(dist.rendezvous('env://', rank, world))
+    return dist.PrefixStore(f'restart{os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)}', store)
 
 
 def tune_cpu():

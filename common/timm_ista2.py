@@ -20,6 +20,7 @@ registration when started through this module:
 
 See docs/method.md, "ISTA2 in your own model".
 """
+import inspect
 import os
 import re
 import runpy
@@ -87,11 +88,22 @@ class _Patched:
     ``ista2_prefix`` (tokens put before the model's own, 1 with the 'cls+bg' background token, else 0)."""
 
 
+def _refuse_masking(attn, attn_mask, is_causal):
+    """timm 1.0.11 calls ViT attention with x alone; later releases (1.0.31 here) pass attn_mask and is_causal to
+    ViT and EVA attention, set only for NaFlex token padding and causal models. The mean representative token
+    would average over the padding, and ISTA2 aligns whole images, so both stay at their defaults."""
+    if attn_mask is not None or is_causal:
+        given = 'attn_mask' if attn_mask is not None else 'is_causal=True'
+        raise UnsupportedModelError(f'patch_timm: {type(attn).__name__} called with {given} (token padding or causal '
+                                    f'attention), which ISTA2 does not support')
+
+
 class ViTAttention(_Patched, vision_transformer.Attention):
     """timm.models.vision_transformer.Attention (ViT, DeiT, DeiT-III, ...): fused qkv, timm's optional per-head
     q_norm/k_norm (applied before ISTA2's own norms)."""
 
-    def forward(self, x):
+    def forward(self, x, attn_mask=None, is_causal=False):
+        _refuse_masking(self, attn_mask, is_causal)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k = _per_head(self.q_norm, q, self.num_heads), _per_head(self.k_norm, k, self.num_heads)
         return self.proj_drop(self.proj(self.ista2(q, k, v)))
@@ -126,9 +138,8 @@ class EvaAttention(_Patched, eva.EvaAttention):
     """timm.models.eva.EvaAttention (EVA, EVA-02): fused or separate q/k/v projections, rotary position
     embedding on q and k of the patch tokens, optional norm before the output projection."""
 
-    def forward(self, x, rope=None, attn_mask=None):
-        if attn_mask is not None:
-            raise UnsupportedModelError('patch_timm: EvaAttention with an attn_mask (token padding) is not supported')
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        _refuse_masking(self, attn_mask, is_causal)
         if self.qkv is not None:
             q, k, v = _fused_qkv(self, x)
         else:
@@ -198,6 +209,19 @@ ADAPTERS = {
 }
 SUPPORTED = {f'{cls.__module__}.{cls.__qualname__}': families for cls, (_, families) in ADAPTERS.items()}
 
+
+def _check_signature(adapter):
+    """Refuse, at patch time, a timm release whose attention forward takes a parameter the adapter's does not:
+    its blocks would pass it at the first forward (as timm's later releases did with ViT's attn_mask)."""
+    timm_cls = adapter.__bases__[1]
+    ours = inspect.signature(adapter.forward).parameters
+    unknown = [name for name in inspect.signature(timm_cls.forward).parameters if name not in ours]
+    if unknown:
+        raise UnsupportedModelError(
+            f'patch_timm: timm {timm.__version__} has {timm_cls.__module__}.{timm_cls.__name__}.forward take '
+            f'{", ".join(unknown)}, which this ISTA2 adapter does not know; it was written for the timm releases '
+            f'this project supports (pyproject.toml)')
+
 # why some attention classes cannot be expressed as ISTA2(q, k, v) (shown in the error)
 _WHY_NOT = {
     'GPSA': "ConViT's gated positional attention mixes two attention maps, not one softmax(q k^T)",
@@ -259,7 +283,7 @@ def _class_token_options(model, options, attentions):
         raise ConfigError(f"patch_timm: rep_tkn_type={kind!r} needs a model with a class token; "
                           f"{type(model).__name__} has none (use 'mean')")
     blocks = getattr(model, 'blocks', None)
-    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not all(
+    if not isinstance(blocks, nn.Sequential | nn.ModuleList) or not all(
             name.startswith('blocks.') for name, *_ in attentions):
         raise ConfigError(f'patch_timm: rep_tkn_type={kind!r} needs every attention inside model.blocks, '
                           f'which {type(model).__name__} does not have')
@@ -340,6 +364,7 @@ def patch_timm(model, **options):
     built = []
     for _, attn, _, parent in attentions:  # build everything first: a bad option changes nothing
         adapter = ADAPTERS[type(attn)][0]
+        _check_signature(adapter)
         ista2 = ISTA2(attn.proj.in_features, attn.num_heads, qk_scale=attn.scale, v_scale=attn.scale,
                       attn_drop_layer=attn.attn_drop, is_swin=adapter is SwinWindowAttention, **options)
         reference = next(attn.parameters())

@@ -37,7 +37,7 @@ def other_value(value):
     """A value of the same type as `value` (as yacs requires) that differs from it, as override text."""
     if isinstance(value, bool):
         return str(not value)
-    if isinstance(value, (int, float)):
+    if isinstance(value, int | float):
         return str(value + 1)
     if isinstance(value, str):
         return repr(value + 'x')

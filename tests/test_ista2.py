@@ -78,7 +78,7 @@ def naive_ista2(m, q, k, v, images, rel_bias=None, mask=None):
                 cands = [r for j in others for r in reps[j]]
                 kk = min(m.attn_inter_topk, len(cands))
                 for pos, x in enumerate(tokens[i]):
-                    scores = [float(x @ r) * m.v_scale for r in cands]
+                    scores = [float((x @ r).detach()) * m.v_scale for r in cands]
                     best = sorted(range(len(cands)), key=lambda z: -scores[z])[:kk]
                     w = torch.softmax(torch.stack([x @ x] + [x @ cands[z] for z in best]) * m.v_scale, 0)
                     new = w[0] * x + sum(w[1 + a] * cands[z] for a, z in enumerate(best))

@@ -194,6 +194,28 @@ def test_unsupported_models_name_the_block_and_attention_class():
         patch_timm(model)
 
 
+def test_adapters_take_every_argument_this_timm_passes(monkeypatch):
+    """Each adapter's forward takes every parameter of the timm forward it replaces (timm 1.0.31 added attn_mask
+    and is_causal to ViT attention); masking is refused by name; a timm that adds one more is refused at patch
+    time instead of at the first forward."""
+    for adapter, _ in timm_ista2.ADAPTERS.values():
+        timm_ista2._check_signature(adapter)
+    model = patch_timm(build('deit')[0], **PUBLISHED)
+    attn, tokens = model.blocks[0].attn, torch.randn(2, 17, 192)
+    assert attn(tokens, attn_mask=None, is_causal=False).shape == tokens.shape
+    with pytest.raises(UnsupportedModelError, match='ViTAttention called with attn_mask'):
+        attn(tokens, attn_mask=torch.ones(2, 1, 17, 17, dtype=torch.bool))
+    with pytest.raises(UnsupportedModelError, match='is_causal=True'):
+        attn(tokens, is_causal=True)
+
+    def forward(self, x, attn_mask=None, is_causal=False, token_dropout=None):
+        raise AssertionError('never called')
+
+    monkeypatch.setattr(timm.models.vision_transformer.Attention, 'forward', forward)
+    with pytest.raises(UnsupportedModelError, match=r'Attention\.forward take token_dropout'):
+        patch_timm(build('deit')[0])
+
+
 def parse_model_kwargs(*words):
     """--model-kwargs as timm's train.py and validate.py parse it."""
     import argparse

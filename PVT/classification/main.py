@@ -124,7 +124,7 @@ def config_value(action, key, value, path):
         return value
     kind = bool if action.const is True or action.const is False else (action.type or str)
     if action.nargs == '+':
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
+        ok = isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value)
         expected = 'a list of numbers'
     else:
         ok = isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool))

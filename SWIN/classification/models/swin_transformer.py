@@ -214,7 +214,7 @@ class SwinTransformer(nn.Module):
         if fused_window_process:
             raise ValueError('fused_window_process needs upstream\'s CUDA kernel, which is not part of this project')
         stages = len(depths)
-        per_stage = ista2_args if isinstance(ista2_args, (list, tuple)) else [ista2_args] * stages
+        per_stage = ista2_args if isinstance(ista2_args, list | tuple) else [ista2_args] * stages
         if len(per_stage) != stages:
             raise ValueError(f'ista2_args has {len(per_stage)} entries; expected one dict per stage ({stages})')
         self.num_classes, self.num_layers, self.embed_dim, self.ape = num_classes, stages, embed_dim, ape

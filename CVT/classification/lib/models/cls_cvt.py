@@ -213,7 +213,7 @@ def check_spec(spec):
     stages = spec['NUM_STAGES']
     for key in (*STAGE_KEYS, 'POS_EMBED'):
         values = spec.get(key, [False] * stages)
-        if not isinstance(values, (list, tuple)) or len(values) != stages:
+        if not isinstance(values, list | tuple) or len(values) != stages:
             raise ConfigError(f'MODEL.SPEC.{key}={values!r}: give one value per stage (NUM_STAGES={stages})')
     if any(spec.get('POS_EMBED', ())):
         raise ConfigError(f'MODEL.SPEC.POS_EMBED={spec["POS_EMBED"]!r}: CvT has no position embedding (upstream '
