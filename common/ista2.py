@@ -12,7 +12,6 @@ import functools
 import io
 import math
 import os
-import shutil
 import sys
 import warnings
 
@@ -50,10 +49,7 @@ def _load_cpu_kernels():
         os.makedirs(folder, exist_ok=True)
         if not os.path.exists(os.path.join(folder, 'ista2_cpu.so')):
             print(f'ISTA2: building the fused CPU kernels into {folder} (once, about 30 s)', file=sys.stderr)
-        if shutil.which('ninja') is None:  # torch looks for ninja on PATH; the pip package's is not there
-            import ninja
-            os.environ['PATH'] = ninja.BIN_DIR + os.pathsep + os.environ.get('PATH', '')
-        with contextlib.redirect_stdout(build_log), contextlib.redirect_stderr(build_log):
+        with _environment_ninja(), contextlib.redirect_stdout(build_log), contextlib.redirect_stderr(build_log):
             from torch.utils import cpp_extension  # its import prints a CUDA_HOME note on CPU machines
             return cpp_extension.load('ista2_cpu', [source], build_directory=folder,
                                       extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'])
@@ -62,6 +58,25 @@ def _load_cpu_kernels():
                       f'path. Set ISTA2_CPU_KERNELS=0 to skip the attempt. Build output:\n{build_log.getvalue()}',
                       stacklevel=3)
         return None
+
+
+@contextlib.contextmanager
+def _environment_ninja():
+    """Put the ninja of the Python environment (the `ninja` package) first on PATH, where torch looks for it,
+    for the duration of a build. Another ninja found first on PATH (a system one, or the venv's bin/ missing
+    from PATH) may be another version, and ninja 1.11 and 1.13 cannot read each other's build log: processes
+    alternating between them rebuild the kernels every time (25-50 s per process start)."""
+    try:
+        import ninja
+    except ImportError:  # no package: whatever ninja PATH has
+        yield
+        return
+    path = os.environ.get('PATH', '')
+    os.environ['PATH'] = ninja.BIN_DIR + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ['PATH'] = path
 
 
 def _cpu_kernels(x):
@@ -92,12 +107,85 @@ def _triton_serves(device, dtype):
     return capability >= (8, 0) or (capability >= (7, 0) and dtype != torch.bfloat16)
 
 
+# Outcome of the Triton kernels' self-check per (device type, dtype), filled by `triton_in_use`: True where
+# they serve, False where they raised or disagreed with the torch code path, which then serves instead.
+TRITON_PROBES = {}
+# Largest error the self-check allows, relative to the largest magnitude of the result: 3x the largest seen
+# against the float64 torch code path over 20 seeds of its inputs, under the Triton interpreter (float32
+# 3.9e-7, float16 4.3e-4, bfloat16 7.3e-3; the interpreter of Triton 3.0 to 3.8 truncates to bfloat16 where a
+# GPU rounds to nearest). Not yet measured on a GPU.
+PROBE_TOLERANCE = {torch.float32: 1.2e-6, torch.float16: 1.3e-3, torch.bfloat16: 2.2e-2}
+
+
+def triton_in_use(device, dtype):
+    """Whether the Triton kernels serve ISTA2's RMSNorms and top-1 alignment for `dtype` tensors on `device`:
+    float32/16 or bfloat16 on a TRITON_DEVICES device, the kernels loaded, and their self-check passed. The
+    first such call per (device type, dtype) in a process runs the check (`_triton_probe`); if it fails, a
+    warning says why and the torch code path serves those tensors from then on."""
+    device = torch.device(device)
+    if not TRITON or device.type not in TRITON_DEVICES or dtype not in PROBE_TOLERANCE \
+            or not _triton_serves(device, dtype) or _load_triton_kernels() is None:
+        return False
+    key = (device.type, dtype)
+    if key not in TRITON_PROBES:
+        failure = _triton_probe(device, dtype)
+        if failure is not None:
+            warnings.warn(f'ISTA2: the Triton kernels failed their self-check on {device.type} {dtype} ({failure}); '
+                          f'using the torch code path for these tensors. Set ISTA2_TRITON=0 to skip the attempt.',
+                          stacklevel=2)
+        TRITON_PROBES[key] = failure is None
+    return TRITON_PROBES[key]
+
+
+def _triton_probe(device, dtype):
+    """Why the Triton kernels must not serve `dtype` on `device`, or None: their RMSNorm and top-1 alignment,
+    forward and backward, on 3 images x 12 tokens, 2 heads of 16 channels and 3 candidates, against the torch
+    code path on the same inputs in float64 (immune to TF32 and to its own rounding). The inputs come from a
+    generator of their own (the global random state is untouched); each token is 0.6 x one allowed candidate
+    plus noise, the candidates orthogonal, so its winner scores about 0.6 d against 0 +- 0.2 sqrt(d) for the
+    others and every path must pick it."""
+    images, tokens, heads, d = 3, 12, 2, 16
+    generator = torch.Generator().manual_seed(0)
+    candidates = torch.linalg.qr(torch.randn(heads, d, d, generator=generator)).Q[..., :images].permute(2, 0, 1)
+    candidates = candidates * d ** 0.5  # (n, h, d), per head orthogonal rows of norm sqrt(d)
+    allowed = ~torch.eye(images, dtype=torch.bool, device=device)  # image i may not use candidate i
+    chosen = (torch.arange(images).view(-1, 1, 1) + torch.randint(1, images, (images, tokens, heads),
+                                                                   generator=generator)) % images
+    v = 0.6 * candidates[chosen, torch.arange(heads)] + 0.2 * torch.randn(images, tokens, heads, d, generator=generator)
+    grad = torch.randn(images * tokens, heads * d, generator=generator)
+    weight = (torch.rand(heads * d, generator=generator) + 0.5).to(device)  # float32, as under autocast
+    scale, eps = d ** -0.5, torch.finfo(torch.float32).eps
+
+    def results(norm_forward, norm_backward, align_forward, align_backward, precision):
+        """(y, grad_x, grad_weight, out, grad_v, grad_candidates) of one path, on the inputs rounded to dtype."""
+        x, g, r = (t.reshape(-1, heads * d).to(device, dtype).to(precision) for t in (v, grad, candidates))
+        y, inv_rms = norm_forward(x, weight, eps)
+        out, best, mix_weight = align_forward(x, r, allowed, heads, scale)
+        return (y, *norm_backward(g, x, weight, inv_rms, True), out,
+                *align_backward(g, x, r, best, mix_weight, heads, scale, True))
+
+    kernels = _load_triton_kernels()
+    try:
+        with torch.autocast(device.type, enabled=False):
+            found = results(kernels.rms_norm_forward, kernels.rms_norm_backward, kernels.align_forward,
+                            kernels.align_backward, dtype)
+            expected = results(_rms_norm, _rms_norm_backward, _align_to_best, _align_to_best_backward, torch.float64)
+    except Exception as error:
+        first_line = str(error).partition('\n')[0]
+        return f'{type(error).__name__}: {first_line}'
+    names = ('RMSNorm y', 'RMSNorm grad_x', 'RMSNorm grad_weight', 'alignment out', 'alignment grad_v',
+             'alignment grad_candidates')
+    for name, result, reference in zip(names, found, expected, strict=True):
+        error = ((result.double() - reference).abs().max() / reference.abs().max()).item()
+        if not error <= PROBE_TOLERANCE[dtype]:  # NaN included
+            return f'{name} differs from the torch code path by {error:.1e} of its largest magnitude, ' \
+                   f'over the tolerance of {PROBE_TOLERANCE[dtype]:.1e}'
+    return None
+
+
 def _triton_kernels(x):
-    """The Triton kernels if they serve tensor ``x`` (float32/16 or bfloat16 on a TRITON_DEVICES device), else None."""
-    if not TRITON or x.device.type not in TRITON_DEVICES or x.dtype not in (torch.float32, torch.float16,
-                                                                            torch.bfloat16):
-        return None
-    return _load_triton_kernels() if _triton_serves(x.device, x.dtype) else None
+    """The Triton kernels if they serve tensor ``x`` (`triton_in_use`), else None."""
+    return _load_triton_kernels() if triton_in_use(x.device, x.dtype) else None
 
 
 def _rows(x):
@@ -150,9 +238,7 @@ class _RMSNormFunction(torch.autograd.Function):
             y, inv_rms = triton_kernels.rms_norm_forward(_rows(x), weight, eps)
             y = y.view(x.shape)
         else:
-            mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=opmath).square_().div_(x.shape[-1])
-            inv_rms = mean_square.add_(eps).rsqrt_().to(x.dtype)
-            y = x * inv_rms if weight is None else (x * inv_rms).mul_(weight)
+            y, inv_rms = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, inv_rms)
         return y
 
@@ -169,15 +255,28 @@ class _RMSNormFunction(torch.autograd.Function):
             grad_x, grad_w = kernels.rms_norm_backward(_rows(grad), _rows(x), weight, inv_rms.reshape(-1),
                                                        weight_grad)
             return grad_x.view(x.shape), grad_w if weight_grad else None, None
-        grad_times_x = (grad * x).reshape(-1, x.shape[-1])  # shared by both gradients
-        if weight is None:
-            dot, grad_x = grad_times_x.sum(-1), grad * inv_rms
-        else:
-            dot, grad_x = grad_times_x.mv(weight.to(grad.dtype)), (grad * weight).mul_(inv_rms)
-        coef = dot.view(inv_rms.shape) * inv_rms.pow(3) / x.shape[-1]  # from sum_c grad * w * x per row
-        grad_x.addcmul_(x, coef, value=-1)
-        grad_w = grad_times_x.t().mv(inv_rms.reshape(-1)) if weight_grad else None
-        return grad_x, grad_w, None
+        return *_rms_norm_backward(grad, x, weight, inv_rms, weight_grad), None
+
+
+def _rms_norm(x, weight, eps):
+    """The torch code of `_RMSNormFunction`'s forward: x (..., c) -> y (..., c), inv_rms (..., 1) in x's dtype."""
+    opmath = torch.promote_types(x.dtype, torch.float32)
+    mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=opmath).square_().div_(x.shape[-1])
+    inv_rms = mean_square.add_(eps).rsqrt_().to(x.dtype)
+    return (x * inv_rms if weight is None else (x * inv_rms).mul_(weight)), inv_rms
+
+
+def _rms_norm_backward(grad, x, weight, inv_rms, weight_grad):
+    """The torch code of `_RMSNormFunction`'s backward: grad, x (..., c), inv_rms (..., 1) -> grad_x (..., c),
+    grad_weight (c,) or None."""
+    grad_times_x = (grad * x).reshape(-1, x.shape[-1])  # shared by both gradients
+    if weight is None:
+        dot, grad_x = grad_times_x.sum(-1), grad * inv_rms
+    else:
+        dot, grad_x = grad_times_x.mv(weight.to(grad.dtype)), (grad * weight).mul_(inv_rms)
+    coef = dot.view(inv_rms.shape) * inv_rms.pow(3) / x.shape[-1]  # from sum_c grad * w * x per row
+    grad_x.addcmul_(x, coef, value=-1)
+    return grad_x, grad_times_x.t().mv(inv_rms.reshape(-1)) if weight_grad else None
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -611,7 +710,7 @@ def rebuild_banks(model, batches):
     try:
         with torch.no_grad():
             for batch in batches:
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                x = batch[0] if isinstance(batch, tuple | list) else batch
                 model(x.to(banks[0].bank.device))
                 images += x.shape[0]
                 if all(int(m.bank_count) >= m.bank_size for m in banks):  # equal on every rank: all stop together

@@ -10,7 +10,9 @@ Every kernel, forward and backward, in float32, float16 and bfloat16. Under the 
 tile is widened to float32 before tl.dot (see INTERPRETED in the module), so the native bfloat16 product
 of the alignment's scores is exercised on a GPU only: with one, this process also runs every case on CUDA
 tensors with the compiled kernels (and the whole-call cases on the torch path there too). The torch code
-path and the fused CPU kernels face the same kernel-level checks in this process, on the CPU.
+path and the fused CPU kernels face the same kernel-level checks in this process, on the CPU. The self-check
+that precedes the kernels' first use per (device type, dtype) is tested with the real kernels and with kernels
+made to raise or to return wrong values.
 """
 import copy
 import importlib.util
@@ -18,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -114,6 +117,8 @@ if not INTERPRETED:
     @needs_triton
     def test_triton_serves_what_it_should(monkeypatch):
         monkeypatch.setattr(ista2, 'TRITON_DEVICES', ('cuda', 'cpu'))
+        monkeypatch.setattr(ista2, 'TRITON_PROBES', {})
+        monkeypatch.setattr(ista2, '_triton_probe', lambda device, dtype: None)  # which tensors, not the kernels
         assert ista2._triton_kernels(torch.zeros(1, dtype=torch.float64)) is None
         assert ista2._triton_kernels(torch.zeros(1, dtype=torch.int32)) is None
         for dtype in DTYPES:
@@ -190,11 +195,14 @@ if INTERPRETED or CUDA:
     from common import ista2_triton
 
     @pytest.fixture
-    def kernel_calls(monkeypatch):
-        """ISTA2 sends CPU tensors to the (interpreted) Triton kernels too; counts the kernels' calls."""
+    def triton_on(monkeypatch):
+        """ISTA2 sends CPU tensors to the (interpreted) Triton kernels too."""
         monkeypatch.setattr(ista2, 'TRITON', True)
         monkeypatch.setattr(ista2, 'TRITON_DEVICES', ('cuda', 'cpu') if INTERPRETED else ('cuda',))
         monkeypatch.setattr(ista2, 'CPU_KERNELS', False)  # they would take float32 CPU tensors first
+
+    def count_kernel_calls(monkeypatch):
+        """Counts the calls of each kernel wrapper from now on: {name: calls}."""
         calls = {}
 
         def counted(name, fn):
@@ -205,8 +213,13 @@ if INTERPRETED or CUDA:
 
         for name in ('rms_norm_forward', 'rms_norm_backward', 'align_forward', 'align_backward'):
             monkeypatch.setattr(ista2_triton, name, counted(name, getattr(ista2_triton, name)))
-        assert ista2._triton_kernels(torch.zeros(1, device=DEVICE)) is ista2_triton
         return calls
+
+    @pytest.fixture
+    def kernel_calls(triton_on, monkeypatch):
+        """Counts the kernels' calls after their self-checks (run once per process and dtype, not counted)."""
+        assert all(ista2.triton_in_use(DEVICE, dtype) for dtype in DTYPES)
+        return count_kernel_calls(monkeypatch)
 
     @pytest.mark.parametrize('dtype', DTYPES)
     @pytest.mark.parametrize('with_weight', [False, True])
@@ -315,3 +328,89 @@ if INTERPRETED or CUDA:
         assert (out.float() - reference).abs().max() <= 10 * TOLERANCE[dtype] * reference.abs().max()
         assert kernel_calls == {'rms_norm_forward': 6, 'align_forward': 2, 'rms_norm_backward': 3,
                                 'align_backward': 1}
+
+    @pytest.fixture
+    def self_checks(triton_on, monkeypatch):
+        """The Triton self-checks start afresh (and the process's record is restored afterwards); the
+        (device type, dtype) of each check run, in order."""
+        monkeypatch.setattr(ista2, 'TRITON_PROBES', {})
+        runs, probe = [], ista2._triton_probe
+        monkeypatch.setattr(ista2, '_triton_probe', lambda device, dtype: runs.append((device.type, dtype)) or
+                            probe(device, dtype))
+        return runs
+
+    def ista2_call(dtype):
+        """Output and input and weight gradients of one ISTA2 call (RMSNorms, top-1 alignment) on DEVICE in dtype,
+        and the ISTA2 warnings it raised."""
+        torch.manual_seed(8)
+        m = make(dim=32, heads=2, norm='rmsnorm', attn_inter_topk=1, rep_tkn_type='mean', **ALIGN).to(DEVICE)
+        inputs = [t.to(DEVICE, dtype).requires_grad_() for t in qkv(b=3, p1=20, p2=20, c=32)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            out = m(*inputs)
+            results = (out, *torch.autograd.grad(out.float().sum(), inputs + list(m.parameters())))
+        return results, [str(w.message) for w in caught if str(w.message).startswith('ISTA2:')]
+
+    def the_torch_path_result(monkeypatch, results, dtype):
+        """Whether results are those of `ista2_call` on the torch code path."""
+        monkeypatch.setattr(ista2, 'TRITON', False)
+        expected, _ = ista2_call(dtype)
+        monkeypatch.setattr(ista2, 'TRITON', True)
+        return all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(results, expected, strict=True))
+
+    def test_the_self_check_passes_and_the_kernels_serve(self_checks, monkeypatch):
+        """The real kernels pass their self-check in every dtype, once each, without touching the global random
+        state, and then serve the ISTA2 call."""
+        rng = torch.get_rng_state()
+        assert all(ista2.triton_in_use(DEVICE, dtype) for dtype in DTYPES * 2)
+        assert torch.equal(rng, torch.get_rng_state())
+        device = torch.device(DEVICE).type
+        assert self_checks == [(device, dtype) for dtype in DTYPES]
+        assert ista2.TRITON_PROBES == {(device, dtype): True for dtype in DTYPES}
+        calls = count_kernel_calls(monkeypatch)
+        _, warned = ista2_call(torch.float32)
+        assert not warned
+        assert calls == {'rms_norm_forward': 3, 'align_forward': 1, 'rms_norm_backward': 3, 'align_backward': 1}
+
+    def test_a_kernel_that_raises_leaves_the_torch_path(self_checks, monkeypatch):
+        """A launcher that does not compile (say): one warning with the error's first line; the torch path serves."""
+        def fails(*args, **kwargs):
+            raise RuntimeError('Failed to compile the launcher: no C compiler\ncc: command not found')
+
+        monkeypatch.setattr(ista2_triton, 'align_backward', fails)
+        results, warned = ista2_call(torch.float32)
+        assert len(warned) == 1, warned
+        assert '(RuntimeError: Failed to compile the launcher: no C compiler)' in warned[0], warned
+        assert 'ISTA2_TRITON=0' in warned[0] and 'command not found' not in warned[0], warned
+        assert ista2.TRITON_PROBES == {(torch.device(DEVICE).type, torch.float32): False}
+        assert the_torch_path_result(monkeypatch, results, torch.float32)
+
+    def test_a_kernel_that_computes_wrong_values_leaves_the_torch_path(self_checks, monkeypatch):
+        """An alignment off by 1 %: one warning naming the result and the error; the torch path serves."""
+        align_forward = ista2_triton.align_forward
+
+        def off_by_one_percent(*args, **kwargs):
+            out, best, weight = align_forward(*args, **kwargs)
+            return out * 1.01, best, weight
+
+        monkeypatch.setattr(ista2_triton, 'align_forward', off_by_one_percent)
+        results, warned = ista2_call(torch.float32)
+        assert len(warned) == 1, warned
+        assert 'alignment out differs from the torch code path by 1.0e-02' in warned[0], warned
+        assert 'tolerance of 1.2e-06' in warned[0] and 'ISTA2_TRITON=0' in warned[0], warned
+        assert not ista2.triton_in_use(DEVICE, torch.float32)
+        assert the_torch_path_result(monkeypatch, results, torch.float32)
+
+    def test_the_self_check_runs_once_per_device_type_and_dtype(self_checks, monkeypatch):
+        """Two ISTA2 calls in float32, then two queries each for float32 and bfloat16: two checks, two warnings."""
+        monkeypatch.setattr(ista2_triton, 'rms_norm_forward', lambda *args: 1 / 0)
+        warned = [message for _ in range(2) for message in ista2_call(torch.float32)[1]]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            in_use = [ista2.triton_in_use(DEVICE, dtype) for dtype in (torch.float32, torch.bfloat16) * 2]
+        assert in_use == [False] * 4
+        warned += [str(w.message) for w in caught if str(w.message).startswith('ISTA2:')]
+        device = torch.device(DEVICE).type
+        assert self_checks == [(device, torch.float32), (device, torch.bfloat16)]
+        assert len(warned) == 2 and all('ZeroDivisionError: division by zero' in message for message in warned)
+        assert f'{device} torch.float32' in warned[0] and f'{device} torch.bfloat16' in warned[1], warned
