@@ -10,7 +10,7 @@ report prints the measured times, and the header the total against the 600 s bud
 1. ista2 (~1 min, mostly Triton compiling its kernels for three dtypes and a dozen shapes): ISTA2's forward
    and backward on the device, on each of its code paths there (the default one, with the Triton kernels
    on CUDA; and the torch path, common.ista2.TRITON off), against the CPU float64 oracle: the per-token
-   loop of tests/test_ista2.py on five small cases (every representative-token type, top-k > 1, bs_ratio,
+   loop of common/ista2_oracle.py on five small cases (every representative-token type, top-k > 1, bs_ratio,
    LayerNorm, Swin windows with shift mask and position bias), and the CPU float64 module (which the test
    suite checks against that loop) on stage shapes of PVTv2-B0, Swin-T and CvT-13 at 32 images. fp32 must
    match to fp32 tolerance (TF32 off); under fp16 and bf16 autocast (q, k, v handed over in the low dtype,
@@ -38,8 +38,10 @@ report prints the measured times, and the header the total against the 600 s bud
 Every line of the report is PASS, FAIL or SKIP (with the reason) beside the measured figure and its target.
 The exit status is 1 if a correctness check fails or a part crashes, 2 without a GPU (unless --device cpu);
 the speed targets (ISTA2/baseline train step <= 1.05 and peak memory <= 1.10, ours/timm <= 1.00) are
-marked * and printed, never asserted. It needs only the repository and requirements.txt: no network, no
-dataset, no pretrained weights. Logs and runs go to --workdir (a temporary folder, kept if anything fails).
+marked * and printed, never asserted. It needs the repository and the packages of requirements.txt, nothing else:
+no network, no dataset, no pretrained weights, not the test suite (on a lent GPU without network: the image's own
+torch and the wheels of `make gpu-wheels`, see docs/reproduce.md). Logs and runs go to --workdir (a temporary folder,
+kept if anything fails).
 
 --quick (either device) keeps every code path at tiny sizes: stage shapes of 2 images, trainers at batch 4
 on 40 images, the speed part on the registry's CIFAR pairs at 32 px and batch 2 for one step, the timm
@@ -76,6 +78,7 @@ from common import ista2 as ista2_module  # noqa: E402
 from common.backbones import BACKBONES, config_name  # noqa: E402
 from common.demo_data import CLASSES, generate  # noqa: E402
 from common.ista2 import ISTA2  # noqa: E402
+from common.ista2_oracle import naive_ista2  # noqa: E402
 
 PROBE_SITE = os.path.join(ROOT, 'benchmarks', 'gpu_check_site')
 PARTS = ('ista2', 'nccl', 'trainers', 'speed', 'timm')
@@ -216,7 +219,7 @@ class Case:
     fd_inputs: tuple = ('q', 'k', 'v')  # the inputs whose gradient is the derivative of the forward
 
 
-SMALL_CASES = [  # against the per-token loop of tests/test_ista2.py
+SMALL_CASES = [  # against the per-token loop of common/ista2_oracle.py
     Case('mean, top-1, RMSNorm (published)', PUBLISHED, images=4, p1=7, p2=5, dim=8, heads=2),
     Case('all tokens, top-3, bs_ratio 0.5, LayerNorm',
          dict(PUBLISHED, norm_type='layernorm', attn_inter_topk=3, rep_tkn_type=None, bs_ratio=0.5),
@@ -353,7 +356,6 @@ def code_paths(device):
 
 
 def check_ista2(report, device, quick):
-    from tests.test_ista2 import naive_ista2  # the per-token oracle of the test suite
     part = 'ista2'
     with default_dtype(torch.float64):  # the loop makes its output tensor in the default dtype
         groups = {'small cases vs per-token loop': [(c, reference(c, naive_ista2)) for c in SMALL_CASES],

@@ -410,35 +410,37 @@ def train(session, model, recipe):
     log(f'Start training for {recipe.epochs} epochs')
     run_start = time.time()
     fp32_until = start + recipe.fp32_epochs_after_resume if resumed else start
-    for epoch in range(start, recipe.epochs):
-        epoch_start = time.time()
-        data.start_epoch(sampler, epoch, recipe.seed, runtime.rank)
-        amp_now = amp and epoch >= fp32_until
-        train_stats = engine.train_one_epoch(
-            model, criterion, train_loader, optimizer, scaler if amp_now else torch.amp.GradScaler(enabled=False),
-            device, epoch, amp=amp_now, clip_grad=recipe.clip_grad, mixup_fn=mixup,
-            accumulation_steps=recipe.accumulation_steps, step_update=scheduler.step_update if per_update else None,
-            print_freq=recipe.print_freq, echo=log)
-        test_stats, improved = None, False
-        if epoch >= recipe.eval_from_epoch:
-            test_stats = validate(session, model, val_loader, recipe, recipe.eval_amp and amp_now)
-            improved = test_stats['acc1'] > best
-            best = max(best, test_stats['acc1'])
-            log(f'Max accuracy: {best:.2f}%')
-        if not per_update:
-            scheduler.step(epoch + 1 - recipe.scheduler_lag)
-        if runtime.is_main:
-            save(bare_model, optimizer, scheduler, scaler, epoch, best, improved, recipe, log)
-            for write in recipe.epoch_logs:
-                write(epoch, train_stats, test_stats)
-        log(f'Epoch {epoch} done in {datetime.timedelta(seconds=int(time.time() - epoch_start))}; '
-            f"lr {optimizer.param_groups[0]['lr']:.3g}")
-        result.update(best_acc1=best, train=train_stats, test=test_stats or result['test'])
-    if runtime.is_main and ckpt_layout.folder and ckpt_layout.final_state:
-        checkpoint.save_atomic(bare_model.state_dict(), os.path.join(ckpt_layout.folder, 'final_state.pth'))
-    for write in recipe.epoch_logs:
-        if hasattr(write, 'close'):
-            write.close()
+    try:
+        for epoch in range(start, recipe.epochs):
+            epoch_start = time.time()
+            data.start_epoch(sampler, epoch, recipe.seed, runtime.rank)
+            amp_now = amp and epoch >= fp32_until
+            train_stats = engine.train_one_epoch(
+                model, criterion, train_loader, optimizer, scaler if amp_now else torch.amp.GradScaler(enabled=False),
+                device, epoch, amp=amp_now, clip_grad=recipe.clip_grad, mixup_fn=mixup,
+                accumulation_steps=recipe.accumulation_steps, step_update=scheduler.step_update if per_update else None,
+                print_freq=recipe.print_freq, echo=log)
+            test_stats, improved = None, False
+            if epoch >= recipe.eval_from_epoch:
+                test_stats = validate(session, model, val_loader, recipe, recipe.eval_amp and amp_now)
+                improved = test_stats['acc1'] > best
+                best = max(best, test_stats['acc1'])
+                log(f'Max accuracy: {best:.2f}%')
+            if not per_update:
+                scheduler.step(epoch + 1 - recipe.scheduler_lag)
+            if runtime.is_main:
+                save(bare_model, optimizer, scheduler, scaler, epoch, best, improved, recipe, log)
+                for write in recipe.epoch_logs:
+                    write(epoch, train_stats, test_stats)
+            log(f'Epoch {epoch} done in {datetime.timedelta(seconds=int(time.time() - epoch_start))}; '
+                f"lr {optimizer.param_groups[0]['lr']:.3g}")
+            result.update(best_acc1=best, train=train_stats, test=test_stats or result['test'])
+        if runtime.is_main and ckpt_layout.folder and ckpt_layout.final_state:
+            checkpoint.save_atomic(bare_model.state_dict(), os.path.join(ckpt_layout.folder, 'final_state.pth'))
+    finally:  # a crash too closes the logs it opened
+        for write in recipe.epoch_logs:
+            if hasattr(write, 'close'):
+                write.close()
     log(f'Training time {datetime.timedelta(seconds=int(time.time() - run_start))}')
     return report(result)
 
@@ -510,13 +512,17 @@ class JsonLines:
 
 
 class TensorBoard:
-    """Epoch scalars for tensorboard: {tag: (stats part 'train' or 'test', key)}."""
+    """Epoch scalars for tensorboard: {tag: (stats part 'train' or 'test', key)}. The writer opens at the first
+    epoch's end, so a run that stops before (a user error, nothing left to train) leaves no writer open: on
+    Python 3.12 an open one prints a traceback at exit (tensorboardX's cleanup cannot start its thread then)."""
 
     def __init__(self, folder, tags):
-        from tensorboardX import SummaryWriter
-        self.writer, self.tags = SummaryWriter(logdir=folder), tags
+        self.folder, self.tags, self.writer = folder, tags, None
 
     def __call__(self, epoch, train_stats, test_stats):
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(logdir=self.folder)
         parts = {'train': train_stats, 'test': test_stats}
         for tag, (part, key) in self.tags.items():
             if parts[part] is not None:
@@ -524,7 +530,8 @@ class TensorBoard:
         self.writer.flush()
 
     def close(self):
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def decay_groups(model, exempt):

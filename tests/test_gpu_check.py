@@ -1,6 +1,7 @@
-"""benchmarks/gpu_check.py (`make gpu-check`) in its CPU smoke mode: every part runs and reports, what cannot
-run without a GPU is a SKIP that says why, the exit status follows the correctness checks only, and the
-grad-scaler probe reads the state a trainer process starts from."""
+"""benchmarks/gpu_check.py (`make gpu-check`) in its CPU smoke mode: every part runs and reports without importing
+the test suite or pytest (the oracle it shares with the tests is common/ista2_oracle.py), what cannot run without a
+GPU is a SKIP that says why, the exit status follows the correctness checks only, and the grad-scaler probe reads the
+state a trainer process starts from."""
 import importlib.util
 import json
 import subprocess
@@ -13,6 +14,26 @@ from common import launch
 from tests.conftest import ROOT, trainer_env
 
 SCRIPT = ROOT / 'benchmarks' / 'gpu_check.py'
+
+# `python -c WITHOUT_TEST_SUITE script args...` runs the script as __main__ in a process where importing pytest or the
+# test suite (`tests`, importable from the working directory, the repository) raises ModuleNotFoundError; the exit
+# status is the script's.
+WITHOUT_TEST_SUITE = """
+import importlib.abc
+import runpy
+import sys
+
+
+class RefuseTestSuite(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition('.')[0] in ('tests', 'pytest', '_pytest'):
+            raise ModuleNotFoundError(f'{name} is refused here: the script must run without the test suite', name=name)
+
+
+sys.meta_path.insert(0, RefuseTestSuite())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
 
 
 @pytest.fixture(scope='module')
@@ -28,10 +49,21 @@ def lines_of(report, part):
     return [line for line in report['lines'] if line['part'] == part]
 
 
+@pytest.mark.parametrize('module', ['tests.test_ista2', 'pytest'])
+def test_the_smoke_run_process_refuses_the_test_suite(tmp_path, module):
+    script = tmp_path / 'imports.py'
+    script.write_text(f'import {module}\n')
+    proc = subprocess.run([sys.executable, '-c', WITHOUT_TEST_SUITE, str(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    refused = module.partition('.')[0]  # a submodule's package is imported, and refused, first
+    assert proc.returncode == 1 and f'ModuleNotFoundError: {refused} is refused here' in proc.stderr, proc.stderr
+
+
 def test_the_cpu_smoke_run_reports_every_part(tmp_path):
-    """The command line, as CI runs it (the trainers for PVT only: each backbone takes 10-20 s on a CPU)."""
+    """The command line, as CI runs it (the trainers for PVT only: each backbone takes 10-20 s on a CPU), in a
+    process that cannot import the test suite."""
     result = tmp_path / 'report.json'
-    cmd = [sys.executable, str(SCRIPT), '--device', 'cpu', '--quick', '--backbones', 'pvt',
+    cmd = [sys.executable, '-c', WITHOUT_TEST_SUITE, str(SCRIPT), '--device', 'cpu', '--quick', '--backbones', 'pvt',
            '--workdir', str(tmp_path / 'work'), '--json', str(result)]
     proc = subprocess.run(cmd, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

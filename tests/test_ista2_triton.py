@@ -1,4 +1,4 @@
-"""ISTA2's Triton kernels (common/ista2_triton.py) against the float64 oracle of tests/test_ista2.py.
+"""ISTA2's Triton kernels (common/ista2_triton.py) against the float64 oracle of common/ista2_oracle.py.
 
 The kernels run on CUDA tensors. Without a GPU, the test below runs this file again in a subprocess under
 Triton's interpreter (TRITON_INTERPRET=1 must be set before the kernels are defined, and the interpreter
@@ -16,6 +16,7 @@ made to raise or to return wrong values.
 """
 import copy
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -27,11 +28,26 @@ import pytest
 import torch
 
 from common import ista2
-from tests.test_ista2 import ALIGN, REPS, make, naive_ista2, qkv, rms_norm
+from common.ista2_oracle import naive_ista2, rms_norm
+from tests.test_ista2 import ALIGN, REPS, make, qkv
 
 INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
 # triton 3.0's interpreter, under numpy 1.26
 pytestmark = pytest.mark.filterwarnings('ignore:Conversion of an array with ndim > 0:DeprecationWarning')
+if INTERPRETED:
+    from triton.runtime import interpreter
+
+    if 'scope' in inspect.signature(interpreter._patch_lang_tensor).parameters and \
+            'int(self.handle.data))' in inspect.getsource(interpreter._patch_lang_tensor):
+        # Triton 3.6's interpreter (torch 2.11's) holds a scalar argument as a 1-element array, and its __index__
+        # (a loop bound: range(0, n, BLOCK_N)) is int() of that array, an error since numpy 2.4 ('only
+        # 0-dimensional arrays can be converted'); Triton 3.8 squeezes the array first. The same fix, in this
+        # test process only: compiled kernels never take this path.
+        def _patch_lang_tensor(tensor, scope, patch=interpreter._patch_lang_tensor):
+            patch(tensor, scope)
+            scope.set_attr(tensor, '__index__', lambda self: int(self.handle.data.squeeze()))
+
+        interpreter._patch_lang_tensor = _patch_lang_tensor
 ROOT = Path(__file__).resolve().parents[1]
 # Largest error allowed, relative to the largest magnitude of the float64 result: output rounding to the
 # dtype (half an ulp: 2^-8 for bfloat16, 2^-11 for float16) plus float32 sums, with some margin.
