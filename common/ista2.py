@@ -8,7 +8,9 @@ Shapes: ``b`` rows (images, or Swin windows), ``h`` heads of width ``d``, ``c = 
 ``p1`` query tokens, ``p2`` key/value tokens per row.
 """
 import contextlib
+import fcntl
 import functools
+import hashlib
 import io
 import math
 import os
@@ -43,21 +45,44 @@ def _load_cpu_kernels():
     """Build (first call on a machine, about 30 s) and load the CPU kernels; None if that fails."""
     source = os.path.join(os.path.dirname(__file__), 'csrc', 'ista2_cpu.cpp')
     base = os.environ.get('TORCH_EXTENSIONS_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'torch_extensions')
-    folder = os.path.join(base, f'ista2_cpu-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}')
+    # one folder per torch, Python and checkout: the build file names the source by its path, so checkouts that
+    # shared a folder would rebuild each other's kernels
+    checkout = hashlib.sha256(source.encode()).hexdigest()[:8]
+    python = f'py{sys.version_info[0]}{sys.version_info[1]}'
+    folder = os.path.join(base, f'ista2_cpu-torch{torch.__version__}-{python}-{checkout}')
     build_log = io.StringIO()  # the compiler's output, shown only if the build fails
     try:
         os.makedirs(folder, exist_ok=True)
-        if not os.path.exists(os.path.join(folder, 'ista2_cpu.so')):
-            print(f'ISTA2: building the fused CPU kernels into {folder} (once, about 30 s)', file=sys.stderr)
-        with _environment_ninja(), contextlib.redirect_stdout(build_log), contextlib.redirect_stderr(build_log):
-            from torch.utils import cpp_extension  # its import prints a CUDA_HOME note on CPU machines
-            return cpp_extension.load('ista2_cpu', [source], build_directory=folder,
-                                      extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'])
+        with _build_lock(folder):
+            if not os.path.exists(os.path.join(folder, 'ista2_cpu.so')):
+                print(f'ISTA2: building the fused CPU kernels into {folder} (once, about 30 s)', file=sys.stderr)
+            with _environment_ninja(), contextlib.redirect_stdout(build_log), contextlib.redirect_stderr(build_log):
+                from torch.utils import cpp_extension  # its import prints a CUDA_HOME note on CPU machines
+                return cpp_extension.load('ista2_cpu', [source], build_directory=folder,
+                                          extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'])
     except Exception as error:  # no compiler, unwritable cache, ...: the torch path computes the same
         warnings.warn(f'ISTA2: the fused CPU kernels could not be built ({error}); using the slower torch code '
                       f'path. Set ISTA2_CPU_KERNELS=0 to skip the attempt. Build output:\n{build_log.getvalue()}',
                       stacklevel=3)
         return None
+
+
+@contextlib.contextmanager
+def _build_lock(folder):
+    """Hold ``folder``'s lock (flock on its file ista2.lock) while the kernels are built or loaded from there.
+    The operating system releases it when its holder dies. torch's own lock, a file named ``lock`` that only the
+    process that made it removes, is then stale whenever ours is held: a build killed halfway (Ctrl-C, a job's
+    time limit) left it behind, and every later process waited on it forever. It is removed here."""
+    with open(os.path.join(folder, 'ista2.lock'), 'a') as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process holds it: loading takes a second, building about 30
+            if not os.path.exists(os.path.join(folder, 'ista2_cpu.so')):
+                print(f'ISTA2: waiting for another process building the CPU kernels in {folder}', file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, 'lock'))
+        yield  # closing the file releases the lock
 
 
 @contextlib.contextmanager
@@ -298,10 +323,11 @@ class _AlignToBest(torch.autograd.Function):
     allowed candidate, per head. This is softmax([s v.v, s v.r*]) written as one sigmoid.
 
     v (m, T, c): T tokens of each of m images; candidates (n, c); allowed (m, n) bool: whether
-    image i may use candidate j. Returns (m, T, c). Three implementations of the same numbers: the
-    fused CPU kernels (float32/64 CPU tensors), the Triton kernels (float32/16 and bfloat16 CUDA
-    tensors), else torch code (`_align_to_best`). Each keeps for the backward v, the candidates and,
-    per token and head, only the winner's index and weight; the backward is written out by hand.
+    image i may use candidate j. Returns (m, T, c) and the winners (m, T, h) (no gradient). Three
+    implementations of the same numbers: the fused CPU kernels (float32/64 CPU tensors), the Triton
+    kernels (float32/16 and bfloat16 CUDA tensors), else torch code (`_align_to_best`). Each keeps for
+    the backward v, the candidates and, per token and head, only the winner's index and weight; the
+    backward is written out by hand.
     """
 
     @staticmethod
@@ -328,10 +354,11 @@ class _AlignToBest(torch.autograd.Function):
             v = _rows(v)
             out, best, weight = _align_to_best(v, candidates, allowed, heads, scale)
         ctx.save_for_backward(v, candidates, best, weight)
-        return out.view(shape)
+        ctx.mark_non_differentiable(best)
+        return out.view(shape), best.view(shape[:-1] + (heads,))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         v, candidates, best, weight = ctx.saved_tensors
         candidates_grad = ctx.needs_input_grad[1]
         if ctx.path == 'cpu':
@@ -488,6 +515,9 @@ class ISTA2(nn.Module):
         for name, value in validate(options).items():
             setattr(self, name, value)
         self.random_tkn_idxs = None  # last indices drawn for rep_tkn_type='random'
+        # set keep_winners to find in `winners` the candidates of the last alignment: (m, T, h, k) indices into its
+        # candidates, per token and head (batch: image * J + j over the pool's J representatives per image; bank: row)
+        self.keep_winners, self.winners = False, None
 
         norm = RMSNorm if self.norm_type == 'rmsnorm' else nn.LayerNorm
         self.q_norm_layer = norm(dim) if self.qk_norm else nn.Identity()
@@ -672,10 +702,15 @@ class ISTA2(nn.Module):
         m, tokens, c = v.shape
         h, d = self.num_heads, c // self.num_heads
         if topk == 1:
-            return _AlignToBest.apply(v, candidates, allowed, h, self.v_scale)
+            out, best = _AlignToBest.apply(v, candidates, allowed, h, self.v_scale)
+            if self.keep_winners:
+                self.winners = best.long().unsqueeze(-1)
+            return out
 
         # which candidates win carries no gradient; their scores do, below
         best = _top_candidates(_rows(v.detach()), candidates.detach(), allowed, h, topk).view(m, tokens, h, topk)
+        if self.keep_winners:
+            self.winners = best
         v_heads, candidates = v.view(m, tokens, h, d), candidates.view(-1, h, d)
         head_start = torch.arange(h, device=v.device).view(h, 1) * candidates.shape[0]
         chosen = F.embedding(best + head_start, candidates.transpose(0, 1).flatten(0, 1))  # (m, T, h, k, d)

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny generated image-folder dataset and a runner for the trainers' command lines."""
+import faulthandler
 import os
 import resource
 import socket
@@ -15,10 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_sessionstart(session):
     """Build ISTA2's fused CPU kernels once, before any test, so that trainer subprocesses load
-    them from the cache instead of building them under a test's timeout or file-size limit."""
+    them from the cache instead of building them under a test's timeout or file-size limit. A build or
+    load that hangs ends the run after 10 minutes with every thread's traceback (the tests' own timeout,
+    pytest-timeout's, does not cover this hook)."""
     from common import ista2
     if ista2.CPU_KERNELS:
+        faulthandler.dump_traceback_later(600, exit=True)
         ista2._load_cpu_kernels()
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope='session')

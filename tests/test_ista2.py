@@ -119,6 +119,29 @@ def test_a_sample_never_aligns_with_itself():
     assert torch.allclose(m(q, k, v)[:1], plain(q[:1], k[:1], aligned), atol=1e-12)
 
 
+@pytest.mark.parametrize('rep', [None, 'mean'])
+@pytest.mark.parametrize('topk', [1, 2])
+@pytest.mark.parametrize('bs_ratio', [None, 0.5])
+def test_kept_winners_are_the_best_allowed_candidates(rep, topk, bs_ratio):
+    m = make(norm='rmsnorm', attn_inter_topk=topk, rep_tkn_type=rep, bs_ratio=bs_ratio, **ALIGN)
+    m.keep_winners = True
+    q, k, v = qkv(b=5)
+    m(q, k, v)
+    vn = m.v_norm_layer(v).detach().view(5, 5, 2, 3)  # (images, tokens, heads, d)
+    reps = vn if rep is None else vn.mean(1, keepdim=True)  # (images, J, heads, d)
+    per_image = reps.shape[1]
+    others = 4 if bs_ratio is None else 2  # the first `others` images other than itself
+    assert m.winners.shape == (5, 5, 2, topk)
+    for image in range(5):
+        pool = [j for j in range(5) if j != image][:others]
+        scores = torch.einsum('thd,jrhd->thjr', vn[image], reps[pool]).flatten(2)  # (tokens, heads, candidates)
+        won = m.winners[image]  # indices image * J + r into the first others + 1 images' representatives
+        assert set((won // per_image).unique().tolist()) <= set(pool)
+        place = torch.tensor([pool.index(j) if j in pool else -1 for j in range(5)])  # pool image -> place in pool
+        chosen = scores.gather(-1, place[won // per_image] * per_image + won % per_image)
+        assert torch.allclose(chosen.sort(-1, descending=True).values, scores.topk(topk, -1).values, atol=1e-12)
+
+
 def test_topk_is_clamped_to_the_candidates():
     q, k, v = qkv(b=3)
     big = make(attn_inter_topk=50, rep_tkn_type='mean', **ALIGN)

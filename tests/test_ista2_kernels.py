@@ -1,9 +1,16 @@
 """The fused CPU kernels against the torch code path (tests/test_ista2.py runs both against the
-per-token oracle in float64), in float32 and on the strided rows the backbones hand over."""
+per-token oracle in float64), in float32 and on the strided rows the backbones hand over; and their build."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from common import ista2
+from tests.conftest import ROOT
 from tests.test_ista2 import ALIGN, make, qkv
 
 
@@ -43,3 +50,14 @@ def test_a_failed_kernel_build_warns_and_falls_back(monkeypatch):
     monkeypatch.setattr(cpp_extension, 'load', no_compiler)
     with pytest.warns(UserWarning, match='could not be built .*Ninja is required.*ISTA2_CPU_KERNELS=0'):
         assert ista2._load_cpu_kernels.__wrapped__() is None
+
+
+def test_a_build_killed_halfway_does_not_block_later_processes(tmp_path):
+    """torch's lock file outlives a build killed halfway (Ctrl-C, a job's time limit); the next process loads."""
+    folder = Path(ista2._load_cpu_kernels().__file__).parent
+    shutil.copytree(folder, tmp_path / folder.name)  # the built kernels, so nothing needs building here
+    (tmp_path / folder.name / 'lock').touch()
+    load = 'from common import ista2; assert ista2._load_cpu_kernels() is not None'
+    subprocess.run([sys.executable, '-c', load], cwd=ROOT, env={**os.environ, 'TORCH_EXTENSIONS_DIR': str(tmp_path)},
+                   timeout=240, check=True)
+    assert not (tmp_path / folder.name / 'lock').exists()

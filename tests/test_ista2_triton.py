@@ -97,8 +97,8 @@ def check_alignment(dtype, m, tokens, heads, d, n, winner_tolerance=1e-5, device
     allowed[torch.arange(m), torch.randint(0, n, (m,))] = True  # at least one candidate per image
     scale = 0.3
     inputs = v.to(device).requires_grad_(), candidates.to(device).requires_grad_()
-    out = ista2._AlignToBest.apply(*inputs, allowed.to(device), heads, scale)
-    best = out.grad_fn.saved_tensors[2].view(m, tokens, heads).long().cpu()
+    out, best = ista2._AlignToBest.apply(*inputs, allowed.to(device), heads, scale)
+    best = best.long().cpu()
     grad_v, grad_candidates = torch.autograd.grad(out, inputs, grad.to(device))
 
     v64, c64 = v.double().requires_grad_(), candidates.double().requires_grad_()
