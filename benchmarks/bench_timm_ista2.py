@@ -3,11 +3,13 @@
     python benchmarks/bench_timm_ista2.py [--models deit_tiny_patch16_224 vit_small_patch16_224] [--batch 16]
                                           [--size 224] [--repeats 4] [--rounds 3]
 
-A step is forward, cross-entropy, backward and an AdamW update, in fp32 on the CPU (or on the GPU when there is
-one). The ISTA2 model is timm.create_model('<name>_ista2'): patch_timm with qk_norm, v_norm, ista2_method='v',
-attn_inter_topk=1, rep_tkn_type='mean'. Each round is a fresh process that builds both models and alternates
-their steps (after one warm-up step each), so that a machine shared with other work slows both alike; the ratio
-printed is the median, over all rounds, of each ISTA2 step's time over the time of the baseline step before it.
+A step is forward, cross-entropy, backward and an AdamW update (measure.TrainStep: fp32 on the CPU; on a GPU, when
+there is one, fp16 autocast with a grad scaler, as the trainers run). The ISTA2 model is
+timm.create_model('<name>_ista2'): patch_timm with qk_norm, v_norm, ista2_method='v', attn_inter_topk=1,
+rep_tkn_type='mean'. Each round is a fresh process that builds both models and alternates their steps (after
+one warm-up step each, and the grad scaler's settling), so that a machine shared with other work slows both
+alike; the ratio printed is the median, over all rounds, of each ISTA2 step's time over the time of the baseline
+step before it.
 """
 import argparse
 import json
@@ -15,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from common.runtime import tune_cpu  # noqa: E402
 
-from measure import add_step_args, device_name, train_step  # noqa: E402
+from measure import TrainStep, add_step_args, device_name  # noqa: E402
 
 TARGET = 1.10  # the ratio the patched model should stay within
 
@@ -36,24 +37,15 @@ def worker(name, batch, size, repeats):
     import common.timm_ista2  # noqa: F401  (registers the <name>_ista2 models)
     tune_cpu()  # as the trainers do, before any parallel op
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    images = torch.randn(batch, 3, size, size, device=device)
     steps = []
     for variant in (name, f'{name}_ista2'):
         torch.manual_seed(0)
-        model = timm.create_model(variant, img_size=size).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        labels = torch.randint(0, model.num_classes, (batch,), device=device)
-        steps.append(train_step(model, optimizer, images, labels))
-    for step in steps:  # warm-up
-        step()
-    pairs = [[timed(step) for step in steps] for _ in range(repeats)]
+        model = timm.create_model(variant, img_size=size)
+        steps.append(TrainStep(model, batch, size, model.num_classes, device))
+    for step in steps:
+        step.warm_up(1)
+    pairs = [[step() for step in steps] for _ in range(repeats)]
     print(json.dumps(pairs))
-
-
-def timed(step):
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
 
 
 def main():

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_train_step.py [--pairs pvt_v2_b0 pvt_v2_b2] [--batch 16] [--size 224] [--repeats 5]
 
-A step is forward, cross-entropy, backward and an AdamW update, in fp32 on the CPU (or on the GPU
-when there is one). Every variant runs in its own process.
+A step is forward, cross-entropy, backward and an AdamW update (measure.TrainStep: fp32 on the CPU; on a GPU, when
+there is one, fp16 autocast with a grad scaler, as the trainers run). Every variant runs in its own process.
 """
 import argparse
 import os
@@ -16,7 +16,7 @@ sys.path.insert(0, HERE)
 from common.backbones import BACKBONES, config_name  # noqa: E402
 from common.runtime import tune_cpu  # noqa: E402
 
-from measure import add_step_args, compare, device_name, report, time_step, train_step  # noqa: E402
+from measure import TrainStep, add_step_args, compare, device_name, report  # noqa: E402
 
 # config name -> (backbone, config file) for the paper's models; baseline name -> ISTA2 name
 CONFIGS = {config_name(config): (backbone, config) for backbone, entry in BACKBONES.items()
@@ -30,14 +30,7 @@ def worker(name, batch, size, repeats):
     torch.manual_seed(0)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     backbone, config = CONFIGS[name]
-    model = BACKBONES[backbone].build(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.randint(0, 1000, (batch,), device=device)
-    result = time_step(train_step(model, optimizer, images, labels), repeats)
-    if device.type == 'cuda':
-        result['peak_mib'] = torch.cuda.max_memory_allocated() / 2 ** 20
-    report(result)
+    report(TrainStep(BACKBONES[backbone].build(config), batch, size, 1000, device).measure(1, repeats))
 
 
 def main():

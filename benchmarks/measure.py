@@ -23,15 +23,66 @@ def device_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'
 
 
-def train_step(model, optimizer, images, labels):
-    """A callable: forward, cross-entropy, backward and an optimizer update (synchronised on CUDA)."""
-    def step():
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if images.is_cuda:
-            torch.cuda.synchronize()
-    return step
+class TrainStep:
+    """The train step the benchmarks time, as the trainers run it: forward and cross-entropy (under fp16 autocast
+    with a grad scaler when `amp`, the trainers' CUDA default), backward and an AdamW update, on fixed random
+    images (batch, 3, size, size) with labels among `classes`. Each call runs one step and returns its seconds,
+    the device synchronised before and after."""
+
+    def __init__(self, model, batch, size, classes, device, amp=None):
+        self.device = torch.device(device)
+        self.amp = self.device.type == 'cuda' if amp is None else amp
+        self.model = model.to(self.device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        generator = torch.Generator(self.device).manual_seed(0)
+        self.images = torch.randn(batch, 3, size, size, device=self.device, generator=generator)
+        self.labels = torch.randint(0, classes, (batch,), device=self.device, generator=generator)
+        self.rss_before = current_rss_mib()
+
+    def _sync(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self):
+        self._sync()
+        start = time.perf_counter()
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            loss = torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
+        return time.perf_counter() - start
+
+    def warm_up(self, steps, settle=50):
+        """Run `steps` untimed steps; with a grad scaler, then up to `settle` more until one leaves its scale
+        as it was (the first steps of fp16 training overflow, halve the scale and skip the update: faster steps
+        that are not the steady state). Peak GPU memory is counted from here on, without the warm-up's (cuDNN's
+        algorithm search among them)."""
+        for _ in range(steps):
+            self()
+        for _ in range(settle if self.amp else 0):
+            scale = self.scaler.get_scale()
+            self()
+            if self.scaler.get_scale() == scale:
+                break
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_mib(self):
+        """Peak memory since the warm-up: GPU memory allocated on CUDA; on the CPU, the peak resident memory
+        above the process's footprint when this step was made (warm-up steps included: the CPU peak cannot be
+        reset)."""
+        if self.device.type == 'cuda':
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.rss_before  # KiB on Linux
+
+    def measure(self, warmup, steps):
+        """{'seconds': the median of `steps` timed steps after the warm-up, 'peak_mib'}."""
+        self.warm_up(warmup)
+        return {'seconds': statistics.median(self() for _ in range(steps)), 'peak_mib': self.peak_mib()}
 
 
 def current_rss_mib():

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -68,22 +69,33 @@ def test_the_cpu_smoke_run_reports_every_part(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     report = json.loads(result.read_text())
-    assert {line['part'] for line in report['lines']} == {'ista2', 'nccl', 'trainers', 'speed', 'timm'}
+    parts = ['preflight', 'ista2', 'trainers', 'speed', 'timm']
+    assert list(dict.fromkeys(line['part'] for line in report['lines'])) == parts
+    assert list(report['seconds']) == parts and list(report['estimates']) == parts
+    assert all((tmp_path / 'work' / f'{part}.log').stat().st_size for part in parts)  # each part's own process
+    assert 'CPU, ' in report['header'] and 'torch ' in report['header'] and 'numpy ' in report['header']
 
-    ista2 = lines_of(report, 'ista2')  # the oracle's own check, then 2 code paths x 3 precisions x 2 case groups
-    assert len(ista2) == 1 + 2 * 3 * 2 + 1 and all(line['status'] == 'PASS' for line in ista2)
+    preflight = {line['check'].partition(' (')[0]: line for line in lines_of(report, 'preflight')}
+    assert [line['status'] for line in preflight.values()] == ['SKIP', 'PASS', 'PASS', 'SKIP', 'SKIP', 'SKIP']
+    assert preflight['Python headers']['measured'].endswith('Python.h')
+    nccl = preflight['NCCL process group']
+    assert 'NCCL needs a GPU' in nccl['note'] and 'gloo' in nccl['note'] and nccl['measured'].endswith(' ok')
+
+    ista2 = lines_of(report, 'ista2')  # the oracle's own check, 2 code paths x 3 precisions x 2 case groups, timm
+    assert len(ista2) == 1 + 2 * 3 * 2 + 2 and all(line['status'] == 'PASS' for line in ista2)
     assert any('torch path (CPU_KERNELS=False)' in line['check'] for line in ista2)
-    assert {line['check'].split(',')[0] for line in ista2[1:-1]} == {'fp32', 'fp16 autocast', 'bf16 autocast'}
-    assert ista2[-1]['check'] == "ISTA2's fused C++ kernels loaded (no fallback warning)"
-
-    [nccl] = lines_of(report, 'nccl')
-    assert nccl['status'] == 'SKIP' and 'NCCL needs a GPU' in nccl['note'] and 'gloo' in nccl['note']
-    assert nccl['measured'].endswith(' ok')
+    assert {line['check'].split(',')[0] for line in ista2[1:-2]} == {'fp32', 'fp16 autocast', 'bf16 autocast'}
+    assert all('near-tie flips of' in line['measured'] for line in ista2[1:-2])
+    assert ista2[-2]['check'].startswith('patch_timm: DeiT-Tiny + ISTA2') and 'bf16' in ista2[-2]['measured']
+    assert ista2[-1]['check'] == "ISTA2's fused C++ kernels in use (float32, float64)"
 
     trainers = {line['check']: line for line in lines_of(report, 'trainers')}
     assert [c for c, line in trainers.items() if line['status'] == 'PASS'] == [
         'PVTv2: train 2 epochs (fp32: no CUDA)', 'PVTv2: auto-resume (rerun with 3 epochs)',
-        'PVTv2: evaluate: main.py --eval --dist-eval']
+        'PVTv2: evaluate with the banks: main.py --eval --dist-eval',
+        'PVTv2: rebuild the banks from the training images, evaluate with them']
+    assert 'pvt_v2_b0_ista2_bank.py' in trainers['PVTv2: train 2 epochs (fp32: no CUDA)']['note']
+    assert 'rows queued' in trainers['PVTv2: evaluate with the banks: main.py --eval --dist-eval']['measured']
     skipped = [line for line in trainers.values() if line['status'] == 'SKIP']
     assert len(skipped) == 3 and all(line['note'] for line in skipped)
     scaler = trainers['PVTv2: grad scaler state survives the resume']['note']
@@ -100,7 +112,7 @@ def test_the_cpu_smoke_run_reports_every_part(tmp_path):
     assert 'ms)' in timm[1]['measured'] and all(not line['asserted'] for line in timm[1::2])
 
     out = proc.stdout
-    assert 'ISTA2 on cpu against the CPU float64 oracle' in out and 'Trainers through their real launchers' in out
+    assert 'Preflight: what the GPU paths need' in out and 'Trainers through their real launchers' in out
     assert out.rstrip().splitlines()[-1].startswith('checks: ') and out.rstrip().endswith('exit status 0')
 
 
@@ -137,36 +149,110 @@ def test_only_failed_correctness_checks_set_the_exit_status(gpu_check):
     assert report.exit_status() == 1 and report.text('header').endswith('exit status 1')
 
 
-def test_a_crashing_part_fails_and_the_others_still_run(gpu_check, monkeypatch, tmp_path, capsys):
-    def crash(report, device):
-        raise RuntimeError('NCCL error: unhandled system error')
+# A stand-in for a part's process: `python -c FAKE_PART LINES BEHAVIOUR` reports one PASS line, then exits
+# ('exit'), aborts ('abort': SIGABRT, as a crash in native code) or hangs with a child of its own ('hang').
+FAKE_PART = """
+import json, os, subprocess, sys, time
+lines, behaviour = sys.argv[1:]
+part = os.path.basename(lines).partition('.')[0]
+with open(lines, 'a') as f:
+    f.write(json.dumps({'part': part, 'check': 'first check', 'status': 'PASS'}) + '\\n')
+print('working', flush=True)
+if behaviour == 'abort':
+    os.abort()
+if behaviour == 'hang':
+    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
+    time.sleep(600)
+"""
 
-    monkeypatch.setattr(gpu_check, 'part_nccl', crash)
-    args = gpu_check.parse_args(['--device', 'cpu', '--quick', '--parts', 'nccl', 'speed',
-                                 '--workdir', str(tmp_path)])
-    pairs = gpu_check.speed_pairs
-    monkeypatch.setattr(gpu_check, 'speed_pairs', lambda quick: pairs(quick)[:1])
+
+@pytest.fixture
+def fake_parts(gpu_check, monkeypatch):
+    """Each part's process replaced by FAKE_PART, behaving as the dict this returns says (default 'exit')."""
+    behaviours = {}
+
+    def command(part, args, lines):
+        return [sys.executable, '-c', FAKE_PART, lines, behaviours.get(part, 'exit')]
+
+    monkeypatch.setattr(gpu_check, 'worker_command', command)
+    return behaviours
+
+
+def test_a_crashing_part_fails_and_the_others_still_run(gpu_check, fake_parts, tmp_path, capsys):
+    fake_parts['ista2'] = 'abort'
+    args = gpu_check.parse_args(['--device', 'cpu', '--quick', '--parts', 'ista2', 'timm', '--workdir', str(tmp_path),
+                                 '--json', str(tmp_path / 'r.json')])
     assert gpu_check.run(args) == 1
-    out = capsys.readouterr().out
-    assert 'FAIL    nccl part  RuntimeError  no exception  NCCL error: unhandled system error' in out
-    assert 'PVTv2-B0 (CIFAR config): train step ISTA2/baseline' in out and f'kept in {tmp_path}' in out
+    lines = json.loads((tmp_path / 'r.json').read_text())['lines']
+    assert [(line['part'], line['status']) for line in lines] == [
+        ('preflight', 'PASS'), ('ista2', 'PASS'), ('ista2', 'FAIL'), ('timm', 'PASS')]
+    crash = lines[2]
+    assert crash['measured'] == 'crashed' and 'signal 6' in crash['note']
+    assert str(tmp_path / 'ista2.log') in crash['note']
+    assert 'working' in crash['traceback'] and 'working' in (tmp_path / 'ista2.log').read_text()
+    assert f'kept in {tmp_path}' in capsys.readouterr().out
 
 
-def test_a_failed_launch_fails_its_step_and_skips_the_rest(gpu_check, monkeypatch, tmp_path, capsys):
+def test_a_part_past_its_budget_is_stopped_with_its_children(gpu_check, fake_parts, monkeypatch, tmp_path):
+    fake_parts['preflight'] = 'hang'
+    monkeypatch.setattr(gpu_check, 'GRACE_S', 2)
+    args = gpu_check.parse_args(['--device', 'cpu', '--quick', '--parts', 'ista2', '--budget', '1',
+                                 '--workdir', str(tmp_path), '--json', str(tmp_path / 'r.json')])
+    start = time.time()
+    assert gpu_check.run(args) == 1
+    assert time.time() - start < 60
+    lines = json.loads((tmp_path / 'r.json').read_text())['lines']
+    assert [(line['part'], line['status']) for line in lines] == [
+        ('preflight', 'PASS'), ('preflight', 'FAIL'), ('ista2', 'SKIP')]
+    assert lines[1]['measured'] == 'over its time' and 'stopped after 3 s' in lines[1]['note']
+    assert 'over the budget: needs about' in lines[2]['note'] and '--parts ista2' in lines[2]['note']
+
+
+def test_parts_that_do_not_fit_the_budget_are_skipped_and_say_so(gpu_check, fake_parts, tmp_path):
+    args = gpu_check.parse_args(['--device', 'cpu', '--quick', '--budget', '20', '--workdir', str(tmp_path),
+                                 '--json', str(tmp_path / 'r.json')])
+    assert gpu_check.run(args) == 0  # skips are no failures
+    report = json.loads((tmp_path / 'r.json').read_text())
+    ran = [line['part'] for line in report['lines'] if line['status'] == 'PASS']
+    skipped = [line['part'] for line in report['lines'] if line['status'] == 'SKIP']
+    assert ran == ['preflight'] and skipped == ['ista2', 'trainers', 'speed', 'timm']
+    assert report['estimates']['ista2'] > 20 and '(budget 20 s: met)' in report['header']
+
+
+def test_a_failed_launch_fails_its_step_and_skips_the_rest(gpu_check, monkeypatch, tmp_path):
     def fail(backbone, job, nproc=1, *, log, show=False, timeout=None):
         raise launch.LaunchError(f'torchrun ... exited with status 1; its output is in {log}')
 
     monkeypatch.setattr(launch, 'run', fail)
-    args = gpu_check.parse_args(['--device', 'cpu', '--quick', '--parts', 'trainers', '--backbones', 'swin',
-                                 '--workdir', str(tmp_path), '--json', str(tmp_path / 'r.json')])
-    assert gpu_check.run(args) == 1
-    lines = json.loads((tmp_path / 'r.json').read_text())['lines']
-    assert [line['status'] for line in lines] == ['FAIL'] + ['SKIP'] * 5
-    assert 'LaunchError' in lines[0]['measured'] and str(tmp_path / 'swin' / 'train.log') in lines[0]['note']
-    assert all(line['note'] == 'an earlier step failed' for line in lines[1:5])
+    args = gpu_check.parse_args(['--device', 'cpu', '--quick', '--backbones', 'swin', '--workdir', str(tmp_path)])
+    report = gpu_check.Report()
+    gpu_check.run_part(report, 'trainers', torch.device('cpu'), args)
+    lines = report.lines
+    assert [line.status for line in lines] == ['FAIL'] + ['SKIP'] * 6  # the first backbone rebuilds its banks too
+    assert 'LaunchError' in lines[0].measured and str(tmp_path / 'swin' / 'train.log') in lines[0].note
+    assert all(line.note == 'an earlier step failed' for line in lines[1:])
+
+
+def test_the_comparison_holds_the_device_winners_and_tells_near_ties_from_wrong_winners(gpu_check, monkeypatch):
+    with gpu_check.default_dtype(torch.float64):
+        ref = gpu_check.Reference(gpu_check.SMALL_CASES[0])
+        out, _, flips = ref.at(ref.winners)
+        assert flips == 0 and out is ref.out
+        assert torch.allclose(ref._run(ref.winners)[0], ref.out, atol=1e-12)  # mix_at = the module = the loop
+        top2 = ref.scores.topk(2, -1)  # (m, T, h, 2)
+        gap = top2.values[..., 0] - top2.values[..., 1]
+        token = torch.unravel_index(gap.argmax(), gap.shape)  # the clearest winner, swapped for its runner-up
+        winners = ref.winners.clone()
+        winners[token] = top2.indices[token][1]
+        out, _, flips = ref.at(winners)
+        assert flips == 1 and not torch.allclose(out, ref.out, atol=1e-6)
+        relative_gap = float(gap[token] / ref.scores[ref.scores.isfinite()].abs().max())
+        for tolerance, wrong in ((0.99 * relative_gap, 1), (1.01 * relative_gap, 0)):
+            monkeypatch.setitem(gpu_check.WINNER_TOL, torch.float32, tolerance)
+            assert ref.wrong_winners(winners, torch.float32) == wrong
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message shown without a GPU')
 def test_without_a_gpu_the_default_run_stops_and_names_the_smoke_mode(gpu_check, capsys):
-    assert gpu_check.main(['--parts', 'nccl']) == 2
+    assert gpu_check.main(['--parts', 'ista2']) == 2
     assert '--device cpu --quick' in capsys.readouterr().err
