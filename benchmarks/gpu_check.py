@@ -40,7 +40,7 @@ the work folder as <part>.log. The parts, in order of value, so that a short bud
 Time: on CUDA the whole check has a budget (--budget, default BUDGET_S): before each part, its cost is estimated
 from what it will launch (COST: Triton compilations, cases, trainer launches, models; estimates until a GPU run
 measures them, and the report prints each part's estimate beside its time); a part that does not fit in what is
-left is a SKIP that says how to run it alone, and a part still running GRACE_S seconds past the budget is stopped.
+left is a SKIP that says how to run it alone, and a part still running when the budget is spent is stopped.
 
 Every line of the report is PASS, FAIL or SKIP (with the reason) beside the measured figure and its target; the
 JSON (--json) also holds each failure's whole traceback. The exit status is 1 if a correctness check fails or a
@@ -105,7 +105,7 @@ PATCHED_FP32_TOL = 1e-4  # a timm model patched with ISTA2, fp32 against float64
 FD_TOL = 1e-6  # float64 backward against finite differences of the per-token oracle (relative)
 TIMM_TOL = 1e-4  # our baseline against timm's with the same weights, fp32, TF32 off (max error / max logit)
 TIME_RATIO, MEMORY_RATIO, TIMM_RATIO = 1.05, 1.10, 1.02
-BUDGET_S, GRACE_S = 300, 60
+BUDGET_S = 300
 DEFAULT_SCALER = {'scale': 65536.0, '_growth_tracker': 0}  # torch.amp.GradScaler's initial state
 
 
@@ -537,7 +537,7 @@ def check_timm_patched(report, device):
     """A timm model patched with ISTA2 (DeiT-Tiny, the published options, 64 px, 4 images), forward and backward
     (loss: mean square of the logits) in fp32 and under each autocast dtype on the device, against the CPU float64
     model: fp32 within PATCHED_FP32_TOL (rms: a near-tie flip moves a whole token), autocast within
-    AUTOCAST_FACTOR x the error of the same autocast run on the CPU."""
+    AUTOCAST_FACTOR x the error of the same autocast run on the CPU. Call it with TF32 off."""
     import timm
 
     import common.timm_ista2  # noqa: F401  (registers <name>_ista2)
@@ -590,7 +590,8 @@ def part_ista2(report, device, quick):
     """check_ista2, then whether ISTA2's kernels served the device: Triton on CUDA (its self-check passed for
     each dtype, common.ista2.triton_in_use), the fused C++ kernels on the CPU."""
     check_ista2(report, device, quick)
-    check_timm_patched(report, device)
+    with no_tf32():
+        check_timm_patched(report, device)
     if device.type == 'cuda':
         check = 'ISTA2\'s Triton kernels in use (loaded, self-check passed) for fp32, fp16, bf16'
         if not getattr(ista2_module, 'TRITON', False):
@@ -1023,14 +1024,28 @@ def estimate(part, args):
     """Expected seconds of `part` (full mode on one H100/H200), counted in units of COST."""
     if part == 'preflight':
         return 4 * COST['triton_compile'] + 5
-    if part == 'ista2':  # every case (and the patched timm model) on two code paths in three precisions, and the
-        cases = len(SMALL_CASES) + len(stage_cases(args.quick)) + 1  # Triton path's four kernels for each
-        return cases * len(PRECISIONS) * (2 * COST['case'] + 4 * COST['triton_compile'])
+    if part == 'ista2':  # every case (and the patched timm model) on two code paths in three precisions
+        cases = SMALL_CASES + stage_cases(args.quick)
+        return ((len(cases) + 1) * len(PRECISIONS) * 2 * COST['case']
+                + len(PRECISIONS) * len(triton_kernels(cases)) * COST['triton_compile'])
     if part == 'trainers':  # train, resume, evaluate; the first backbone also rebuilds its banks and evaluates again
         return (3 * len(args.backbones) + 2) * COST['launch']
     if part == 'speed':
         return 2 * len(speed_pairs(args.quick)) * COST['model']
     return 2 * len(TIMM_PAIRS) * COST['model']  # timm: ours and timm's, each pair
+
+
+def triton_kernels(cases):
+    """The Triton kernels the cases and the patched DeiT-Tiny compile per dtype, as (kernel, width, heads):
+    RMSNorm forward and backward where q, k or v are RMS-normalised, top-1 alignment forward and backward."""
+    kernels = {(name, 192, 3) for name in ('rms_norm', 'rms_norm_backward', 'align', 'align_backward')}  # DeiT-Tiny
+    for case in cases:
+        options = {**PUBLISHED, **case.options}
+        if options.get('norm_type', 'rmsnorm') == 'rmsnorm':
+            kernels |= {(name, case.dim, 1) for name in ('rms_norm', 'rms_norm_backward')}
+        if options['attn_inter_topk'] == 1:
+            kernels |= {(name, case.dim, case.heads) for name in ('align', 'align_backward')}
+    return kernels
 
 
 def parse_args(argv):
@@ -1046,9 +1061,9 @@ def parse_args(argv):
     parser.add_argument('--warmup', type=int, help='untimed steps per model (default 5; quick 0)')
     parser.add_argument('--steps', type=int, help='timed steps per model (default 15; quick 1)')
     parser.add_argument('--budget', type=float,
-                        help=f'seconds for the whole check (default {BUDGET_S:.0f} on CUDA, none with --quick or on '
+                        help=f'seconds for the whole check (default {BUDGET_S} on CUDA, none with --quick or on '
                              f'the CPU): a part whose estimate does not fit in what is left is skipped, and one still '
-                             f'running {GRACE_S:.0f} s past it is stopped')
+                             f'running when it is spent is stopped')
     parser.add_argument('--workdir', help='data, runs and logs (default: a temporary folder, removed if all pass)')
     parser.add_argument('--json', help='also write the report (header, lines with whole tracebacks) to this file')
     parser.add_argument('--worker', help=argparse.SUPPRESS)  # run this one part in this process
@@ -1141,14 +1156,20 @@ def spawn(report, part, args, timeout):
     if timer:
         timer.start()
     tail = collections.deque(maxlen=60)
-    with open(log, 'w') as out:
-        for text in proc.stdout:
-            out.write(text)
-            sys.stderr.write(text)
-            tail.append(text)
-    status = proc.wait()
-    if timer:
-        timer.cancel()
+    try:
+        with open(log, 'w') as out:
+            for text in proc.stdout:
+                out.write(text)
+                sys.stderr.write(text)
+                tail.append(text)
+        status = proc.wait()
+    except BaseException:  # Ctrl-C included: the part's processes, in a session of their own, must not outlive it
+        stop()
+        proc.wait()
+        raise
+    finally:
+        if timer:
+            timer.cancel()
     if os.path.isfile(lines):
         with open(lines) as f:
             for record in map(json.loads, f):
@@ -1157,7 +1178,7 @@ def spawn(report, part, args, timeout):
                 else:
                     report.lines.append(Line(**record))
     if stopped or status:
-        why = (f'stopped after {timeout:.0f} s, the budget left for it and {GRACE_S:.0f} s more' if stopped
+        why = (f'stopped after {timeout:.0f} s, when the budget was spent' if stopped
                else f'its process exited with status {status}' + (f' (signal {-status})' if status < 0 else ''))
         report.add(part, f'{part} part', False, 'crashed' if not stopped else 'over its time', 'runs to its end',
                    f'{why}; later checks of this part did not run; its output: {log}', traceback=''.join(tail))
@@ -1186,7 +1207,7 @@ def run(args):
             continue
         progress(f'{part} ...')
         start = time.time()
-        spawn(report, part, args, None if left is None else max(left, 0) + GRACE_S)
+        spawn(report, part, args, None if left is None else max(left, 1))
         report.seconds[part] = time.time() - start
     total = time.time() - begin
     mode = 'quick mode' if args.quick else 'full mode'

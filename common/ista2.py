@@ -20,6 +20,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.models import register_notrace_module
 from torch import nn
 
 from common.ista2_options import require, validate
@@ -493,6 +494,7 @@ class RMSNorm(nn.RMSNorm):
         return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
+@register_notrace_module  # one leaf in torch.fx graphs made through timm (feature extraction, its fx tests)
 class ISTA2(nn.Module):
     """Attention over pre-projected q/k/v, with optional inter-sample alignment of v.
 

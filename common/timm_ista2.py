@@ -88,14 +88,18 @@ class _Patched:
     ``ista2_prefix`` (tokens put before the model's own, 1 with the 'cls+bg' background token, else 0)."""
 
 
-def _refuse_masking(attn, attn_mask, is_causal):
+def _refuse_masking(attention, attn_mask, is_causal):
     """timm 1.0.11 calls ViT attention with x alone; later releases (1.0.31 here) pass attn_mask and is_causal to
     ViT and EVA attention, set only for NaFlex token padding and causal models. The mean representative token
-    would average over the padding, and ISTA2 aligns whole images, so both stay at their defaults."""
+    would average over the padding, and ISTA2 aligns whole images, so both stay at their defaults. attention:
+    the class name. A call in torch.fx graphs (where the mask is an input of the graph): the check runs then."""
     if attn_mask is not None or is_causal:
         given = 'attn_mask' if attn_mask is not None else 'is_causal=True'
-        raise UnsupportedModelError(f'patch_timm: {type(attn).__name__} called with {given} (token padding or causal '
+        raise UnsupportedModelError(f'patch_timm: {attention} called with {given} (token padding or causal '
                                     f'attention), which ISTA2 does not support')
+
+
+torch.fx.wrap('_refuse_masking')
 
 
 class ViTAttention(_Patched, vision_transformer.Attention):
@@ -103,7 +107,7 @@ class ViTAttention(_Patched, vision_transformer.Attention):
     q_norm/k_norm (applied before ISTA2's own norms)."""
 
     def forward(self, x, attn_mask=None, is_causal=False):
-        _refuse_masking(self, attn_mask, is_causal)
+        _refuse_masking(type(self).__name__, attn_mask, is_causal)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k = _per_head(self.q_norm, q, self.num_heads), _per_head(self.k_norm, k, self.num_heads)
         return self.proj_drop(self.proj(self.ista2(q, k, v)))
@@ -139,7 +143,7 @@ class EvaAttention(_Patched, eva.EvaAttention):
     embedding on q and k of the patch tokens, optional norm before the output projection."""
 
     def forward(self, x, rope=None, attn_mask=None, is_causal=False):
-        _refuse_masking(self, attn_mask, is_causal)
+        _refuse_masking(type(self).__name__, attn_mask, is_causal)
         if self.qkv is not None:
             q, k, v = _fused_qkv(self, x)
         else:

@@ -109,8 +109,7 @@ class SwinTransformerBlock(nn.Module):
     def forward(self, x):
         H, W = self.input_resolution
         B, L, C = x.shape
-        if L != H * W:
-            raise ValueError(f'expected {H}x{W}={H * W} tokens, got {L}; the input size must match IMG_SIZE')
+        torch._assert(L == H * W, f'expected {H}x{W}={H * W} tokens; the input size must match IMG_SIZE')
         shifted = self.norm1(x).view(B, H, W, C)
         if self.shift_size:
             shifted = torch.roll(shifted, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
@@ -193,8 +192,9 @@ class PatchEmbed(nn.Module):
         self.norm = norm_layer(embed_dim) if norm_layer else None
 
     def forward(self, x):
-        if tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(f'input image size {tuple(x.shape[2:])} does not match the model {self.img_size}')
+        """(B, C, H, W) -> (B, H/p * W/p, embed_dim). The size checks are torch._assert: traceable by torch.fx."""
+        for axis, size in zip((2, 3), self.img_size, strict=True):
+            torch._assert(x.shape[axis] == size, f'input images must be {self.img_size[0]}x{self.img_size[1]}')
         x = self.proj(x).flatten(2).transpose(1, 2)
         return self.norm(x) if self.norm is not None else x
 

@@ -165,10 +165,11 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)
         B, C, H, W = x.shape
         tokens = [x.flatten(2).transpose(1, 2)]
+        one_per_image = tokens[0][:, :1]  # (B, 1, C): what the extra tokens expand to (fx-traceable, unlike B)
         if self.cls_token is not None:
-            tokens.insert(0, self.cls_token.expand(B, -1, -1))
+            tokens.insert(0, self.cls_token.expand_as(one_per_image))
         if self.bg_token is not None:
-            tokens.insert(0, self.bg_token.expand(B, -1, -1))
+            tokens.insert(0, self.bg_token.expand_as(one_per_image))
         x = self.pos_drop(torch.cat(tokens, dim=1))
         for block in self.blocks:
             x = block(x, H, W)
