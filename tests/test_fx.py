@@ -99,3 +99,21 @@ def test_features_only_runs_through_ista2(name):
     assert [f.shape for f in features['ista2']] == [f.shape for f in features['timm']]
     assert all(torch.isfinite(f).all() and not torch.allclose(f, g, atol=1e-3)
                for f, g in zip(features['ista2'], features['timm'], strict=True))
+
+
+@pytest.mark.parametrize('name', list(OURS))
+def test_our_backbones_hand_each_stage_map_to_a_dense_head(name):
+    """forward_stages: one (B, C_i, H_i, W_i) map per stage, at strides 4, 8, 16 (, 32), each with a gradient path
+    to the input; PVT's and Swin's logits are the head on the last map's mean."""
+    backbone = OURS[name][0]
+    model = build(name)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    maps = model.forward_stages(x)
+    strides = (4, 8, 16) if backbone == 'cvt' else (4, 8, 16, 32)
+    assert [tuple(m.shape[::2]) + tuple(m.shape[3:]) for m in maps] == [(2, 224 // s, 224 // s) for s in strides]
+    for stage_map in maps:
+        (grad,) = torch.autograd.grad(stage_map.mean(), x, retain_graph=True)
+        assert grad.abs().sum() > 0
+    if backbone != 'cvt':  # CvT-13 classifies from its class token
+        with torch.no_grad():
+            assert torch.allclose(model.head(maps[-1].mean((2, 3))), model(x), atol=1e-5)

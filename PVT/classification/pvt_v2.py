@@ -155,16 +155,21 @@ class PyramidVisionTransformerV2(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward_features(self, x):
-        """(B, 3, H, W) -> pooled features (B, C_last)."""
+    def forward_stages(self, x):
+        """(B, 3, H, W) -> each stage's normalised output (B, C_i, H / 2^(i+1), W / 2^(i+1)), i = 1..4: the feature
+        maps a dense-prediction head takes."""
+        maps = []
         for i in range(1, self.num_stages + 1):
             x, H, W = getattr(self, f'patch_embed{i}')(x)
             for block in getattr(self, f'block{i}'):
                 x = block(x, H, W)
-            x = getattr(self, f'norm{i}')(x)
-            if i < self.num_stages:
-                x = x.transpose(1, 2).unflatten(2, (H, W))
-        return x.mean(dim=1)
+            x = getattr(self, f'norm{i}')(x).transpose(1, 2).unflatten(2, (H, W))
+            maps.append(x)
+        return maps
+
+    def forward_features(self, x):
+        """(B, 3, H, W) -> pooled features (B, C_last)."""
+        return self.forward_stages(x)[-1].flatten(2).transpose(1, 2).mean(dim=1)
 
     def forward(self, x):
         return self.head(self.forward_features(x))

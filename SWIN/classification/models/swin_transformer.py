@@ -167,12 +167,17 @@ class BasicLayer(nn.Module):
             for i in range(depth))
         self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer) if downsample else None
 
-    def forward(self, x):
+    def forward_blocks(self, x):
+        """(B, H*W, C) -> the same after the blocks, before the patch merging."""
         for block in self.blocks:
             if self.use_checkpoint and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        return x
+
+    def forward(self, x):
+        x = self.forward_blocks(x)
         return self.downsample(x) if self.downsample is not None else x
 
     def flops(self):
@@ -244,14 +249,29 @@ class SwinTransformer(nn.Module):
     def no_weight_decay_keywords(self):
         return {'relative_position_bias_table'}
 
-    def forward_features(self, x):
+    def _stage_tokens(self, x):
+        """(B, 3, H, W) -> each stage's tokens (B, H_i*W_i, C_i) before its patch merging, the last after the final
+        norm."""
         x = self.patch_embed(x)
         if self.ape:
             x = x + self.absolute_pos_embed
         x = self.pos_drop(x)
+        stages = []
         for layer in self.layers:
-            x = layer(x)
-        return self.avgpool(self.norm(x).transpose(1, 2)).flatten(1)
+            stages.append(layer.forward_blocks(x))
+            x = layer.downsample(stages[-1]) if layer.downsample is not None else None
+        stages[-1] = self.norm(stages[-1])
+        return stages
+
+    def forward_stages(self, x):
+        """(B, 3, H, W) -> each stage's output (B, C_i, H / 2^(i+1), W / 2^(i+1)), i = 1..4, before its patch merging
+        (the last after the final norm): the feature maps a dense-prediction head takes (detection heads add a
+        norm of their own to the others)."""
+        return [tokens.transpose(1, 2).unflatten(2, layer.input_resolution)
+                for tokens, layer in zip(self._stage_tokens(x), self.layers, strict=True)]
+
+    def forward_features(self, x):
+        return self.avgpool(self._stage_tokens(x)[-1].transpose(1, 2)).flatten(1)
 
     def forward(self, x):
         return self.head(self.forward_features(x))

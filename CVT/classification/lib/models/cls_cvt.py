@@ -255,10 +255,21 @@ class ConvolutionalVisionTransformer(nn.Module):
     def no_weight_decay(self):
         return {f'stage{i}.{name}' for i in range(self.num_stages) for name in ('pos_embed', 'cls_token')}
 
+    def _stages(self, x):
+        """(B, 3, H, W) -> [(stage i's map (B, C_i, H_i, W_i), its class token (B, 1, C_i) or None)]."""
+        stages = []
+        for i in range(self.num_stages):
+            stages.append(getattr(self, f'stage{i}')(stages[-1][0] if stages else x))
+        return stages
+
+    def forward_stages(self, x):
+        """(B, 3, H, W) -> each stage's output map (B, C_i, H / s_i, W / s_i), strides 4, 8, 16 for CvT-13: the
+        feature maps a dense-prediction head takes (not normalised: the model's norm acts on the class token)."""
+        return [x for x, _ in self._stages(x)]
+
     def forward_features(self, x):
         """(B, 3, H, W) -> (B, C): the normalised class token, or the mean normalised patch token."""
-        for i in range(self.num_stages):
-            x, cls = getattr(self, f'stage{i}')(x)
+        x, cls = self._stages(x)[-1]
         if self.cls_token:
             return self.norm(cls).flatten(1)
         return self.norm(x.flatten(2).transpose(1, 2)).mean(1)
