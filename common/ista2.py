@@ -71,9 +71,10 @@ def _load_cpu_kernels():
 @contextlib.contextmanager
 def _build_lock(folder):
     """Hold ``folder``'s lock (flock on its file ista2.lock) while the kernels are built or loaded from there.
-    The operating system releases it when its holder dies. torch's own lock, a file named ``lock`` that only the
-    process that made it removes, is then stale whenever ours is held: a build killed halfway (Ctrl-C, a job's
-    time limit) left it behind, and every later process waited on it forever. It is removed here."""
+    The operating system releases it when its holder dies. torch 2.4's own lock, a file named ``lock`` whose mere
+    existence blocks and that only the process that made it removes, is then stale whenever ours is held: a build
+    killed halfway (Ctrl-C, a job's time limit) left it behind, and every later process waited on it forever. It
+    is removed here (later torch releases flock that file too, and take it again)."""
     with open(os.path.join(folder, 'ista2.lock'), 'a') as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -106,8 +107,10 @@ def _environment_ninja():
 
 
 def _cpu_kernels(x):
-    """The fused kernels if they serve tensor ``x`` (float32/64 on the CPU), else None."""
-    if not CPU_KERNELS or x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64):
+    """The fused kernels if they serve tensor ``x`` (float32/64 on the CPU), else None (also under torch.compile,
+    which compiles the torch code path instead)."""
+    if not CPU_KERNELS or x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64) \
+            or torch.compiler.is_compiling():
         return None
     return _load_cpu_kernels()
 
@@ -210,14 +213,17 @@ def _triton_probe(device, dtype):
 
 
 def _triton_kernels(x):
-    """The Triton kernels if they serve tensor ``x`` (`triton_in_use`), else None."""
+    """The Triton kernels if they serve tensor ``x`` (`triton_in_use`), else None (also under torch.compile)."""
+    if torch.compiler.is_compiling():
+        return None
     return _load_triton_kernels() if triton_in_use(x.device, x.dtype) else None
 
 
 def _rows(x):
-    """x (..., c) as a 2-d (rows, c) tensor with unit channel stride, a view where possible."""
+    """x (..., c) as a 2-d (rows, c) tensor with unit channel stride (as the kernels need), a view where possible.
+    Under torch.compile (the torch code path, any strides) the reshape alone."""
     rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    return rows if torch.compiler.is_compiling() or rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _distributed():
@@ -332,11 +338,15 @@ class _AlignToBest(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.autocast('cuda', enabled=False)
-    @torch.autocast('cpu', enabled=False)
     def forward(ctx, v, candidates, allowed, heads, scale):
-        """Runs in v's dtype (under AMP, the dtype of the norm or projection before it); scores, weights and
-        sums in float32 at least."""
+        """Runs in v's dtype (under AMP, the dtype of the norm or projection before it, with autocast off);
+        scores, weights and sums in float32 at least. Without grad, as eager autograd runs it anyway (said
+        here for torch.compile, which traces it)."""
+        with torch.autocast('cuda', enabled=False), torch.autocast('cpu', enabled=False), torch.no_grad():
+            return _AlignToBest._forward(ctx, v, candidates, allowed, heads, scale)
+
+    @staticmethod
+    def _forward(ctx, v, candidates, allowed, heads, scale):
         ctx.heads, ctx.scale = heads, scale
         candidates = candidates.to(v.dtype)
         shape = v.shape
@@ -378,7 +388,10 @@ class _AlignToBest(torch.autograd.Function):
 
 def _chunks(rows, tokens, row_bytes):
     """Split rows = images x tokens (image-major) into (start, stop) pieces of at most CHUNK_BYTES
-    (row_bytes per row; one row at least), each either whole images or part of one image."""
+    (row_bytes per row; one row at least), each either whole images or part of one image. Under torch.compile
+    one piece: its bounds would make every batch size a graph of its own."""
+    if torch.compiler.is_compiling():
+        return [(0, rows)]
     per_chunk = max(1, CHUNK_BYTES // row_bytes)
     if per_chunk >= tokens:
         step = per_chunk // tokens * tokens
@@ -685,7 +698,15 @@ class ISTA2(nn.Module):
 
     def _align_to_bank(self, v):
         """v (m, T, c) aligned as in `_align`, with every image's candidates the bank's rows: no image sees
-        another, so each output is that of the image alone. An empty bank aligns nothing (with a warning)."""
+        another, so each output is that of the image alone. An empty bank aligns nothing (with a warning).
+        Under torch.compile, which cannot read the count without a graph break: the whole bank with its unfilled
+        rows barred, the same when it holds top-k rows or more (a trained or rebuilt bank is full), asserted on
+        the device."""
+        if torch.compiler.is_compiling():
+            topk = min(self.attn_inter_topk, self.bank_size)
+            torch._assert_async(self.bank_count >= topk, 'ISTA2: fewer rows in the bank than attn_inter_topk')
+            allowed = (torch.arange(self.bank_size, device=v.device) < self.bank_count).expand(v.shape[0], -1)
+            return self._mix(v, self.bank.to(v.dtype), allowed, topk)
         filled = min(int(self.bank_count), self.bank_size)
         if filled == 0:
             if not self._warned_empty_bank:

@@ -53,11 +53,11 @@ def test_a_failed_kernel_build_warns_and_falls_back(monkeypatch):
 
 
 def test_a_build_killed_halfway_does_not_block_later_processes(tmp_path):
-    """torch's lock file outlives a build killed halfway (Ctrl-C, a job's time limit); the next process loads."""
+    """torch's lock file outlives a build killed halfway (Ctrl-C, a job's time limit); the next process loads. (torch
+    2.4 waits as long as the file exists; later releases, 2.14 here, flock it and leave it in place.)"""
     folder = Path(ista2._load_cpu_kernels().__file__).parent
     shutil.copytree(folder, tmp_path / folder.name)  # the built kernels, so nothing needs building here
     (tmp_path / folder.name / 'lock').touch()
     load = 'from common import ista2; assert ista2._load_cpu_kernels() is not None'
     subprocess.run([sys.executable, '-c', load], cwd=ROOT, env={**os.environ, 'TORCH_EXTENSIONS_DIR': str(tmp_path)},
                    timeout=240, check=True)
-    assert not (tmp_path / folder.name / 'lock').exists()
