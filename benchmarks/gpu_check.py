@@ -367,6 +367,7 @@ class Reference:
         scores = torch.einsum('mthd,nhd->mthn', v.view(*v.shape[:2], heads, -1), candidates.view(len(candidates),
                               heads, -1)) * self.module.v_scale
         self.scores = scores.masked_fill(~allowed[:, None, None], float('-inf'))  # (m, T, h, n)
+        self.largest_score = self.scores[self.scores.isfinite()].abs().max()
 
     def _run(self, winners):
         """(out, grads, (v, candidates, allowed) of the alignment) with the module's winners, or `winners`."""
@@ -434,8 +435,7 @@ class Reference:
         winners = winners.view(self.winners.shape)
         kth_best = self.scores.topk(winners.shape[-1], -1).values[..., -1]
         worst_chosen = self.scores.gather(-1, winners).min(-1).values
-        largest = self.scores[self.scores.isfinite()].abs().max()
-        return int((kth_best - worst_chosen > WINNER_TOL[dtype] * largest).sum())
+        return int((kth_best - worst_chosen > WINNER_TOL[dtype] * self.largest_score).sum())
 
 
 def code_paths(device):

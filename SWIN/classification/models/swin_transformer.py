@@ -259,7 +259,8 @@ class SwinTransformer(nn.Module):
         stages = []
         for layer in self.layers:
             stages.append(layer.forward_blocks(x))
-            x = layer.downsample(stages[-1]) if layer.downsample is not None else None
+            if layer.downsample is not None:
+                x = layer.downsample(stages[-1])
         stages[-1] = self.norm(stages[-1])
         return stages
 
