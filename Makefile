@@ -17,10 +17,13 @@ endef
 define install_project
 	$(1)/bin/python -m pip $(PIP_FLAGS) install --no-deps --no-build-isolation -e .
 endef
-# lint, then the whole suite in two test processes (one test file each), with the python of venv $(1)
+# lint, then the whole suite in two test processes (one test file each), then timm's own model tests for one
+# registered <name>_ista2 model per timm family against its base model (tests/timm_model_tests.py; the first run
+# downloads the installed timm's sdist), with the python of venv $(1)
 define suite
 	$(1)/bin/python -m ruff check common tests benchmarks PVT SWIN CVT
 	$(1)/bin/python -m pytest -q -n 2 --dist loadfile
+	$(1)/bin/python -m tests.timm_model_tests --one-per-family
 endef
 
 $(VENV)/.requirements: requirements.txt

@@ -33,7 +33,7 @@ the work folder as <part>.log. The parts, in order of value, so that a short bud
 3. speed: the paper's four pairs at batch 128 per GPU, fp16 autocast with a grad scaler as the trainers run,
    224 px: the train step of benchmarks/measure.py's TrainStep (forward, cross-entropy, backward, AdamW; timed
    after the warm-up and the grad scaler's settling, peak memory counted from then on), images/s, peak GPU memory,
-   ISTA2/baseline ratios.
+   the memory one forward saves for backward (measure.saved_for_backward), ISTA2/baseline ratios.
 4. timm: our PVTv2-B0, PVTv2-B2 and Swin-T baselines against timm's own models holding the same weights (through
    timm's checkpoint_filter_fn): equal outputs in fp32 (TF32 off), and both train steps timed in part 3's setting.
 
@@ -44,11 +44,11 @@ left is a SKIP that says how to run it alone, and a part still running when the 
 
 Every line of the report is PASS, FAIL or SKIP (with the reason) beside the measured figure and its target; the
 JSON (--json) also holds each failure's whole traceback. The exit status is 1 if a correctness check fails or a
-part crashes, 2 without a GPU (unless --device cpu); the speed targets (ISTA2/baseline train step <= 1.05 and peak
-memory <= 1.10, ours/timm <= 1.02) are marked * and printed, never asserted. It needs the repository and the
-packages of requirements.txt, nothing else: no network, no dataset, no pretrained weights, not the test suite (on a
-lent GPU without network: the image's own torch and the wheels of `make gpu-wheels`, see docs/reproduce.md). Logs
-and runs go to --workdir (a temporary folder, kept if anything fails).
+part crashes, 2 without a GPU (unless --device cpu); the speed targets (ISTA2/baseline train step <= 1.05, peak
+memory <= 1.10 and saved for backward <= 1.03, ours/timm <= 1.02) are marked * and printed, never asserted. It
+needs the repository and the packages of requirements.txt, nothing else: no network, no dataset, no pretrained
+weights, not the test suite (on a lent GPU without network: the image's own torch and the wheels of `make
+gpu-wheels`, see docs/reproduce.md). Logs and runs go to --workdir (a temporary folder, kept if anything fails).
 
 --quick (either device) keeps every code path at tiny sizes: stage shapes of 2 images, trainers at batch 4 on 40
 images, the speed part on the registry's CIFAR pairs at 32 px and batch 2 for one step, the timm timing for the
@@ -104,7 +104,7 @@ WINNER_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 PATCHED_FP32_TOL = 1e-4  # a timm model patched with ISTA2, fp32 against float64 (rms error / rms, per tensor)
 FD_TOL = 1e-6  # float64 backward against finite differences of the per-token oracle (relative)
 TIMM_TOL = 1e-4  # our baseline against timm's with the same weights, fp32, TF32 off (max error / max logit)
-TIME_RATIO, MEMORY_RATIO, TIMM_RATIO = 1.05, 1.10, 1.02
+TIME_RATIO, MEMORY_RATIO, SAVED_RATIO, TIMM_RATIO = 1.05, 1.10, 1.03, 1.02
 BUDGET_S = 300
 DEFAULT_SCALER = {'scale': 65536.0, '_growth_tracker': 0}  # torch.amp.GradScaler's initial state
 
@@ -874,12 +874,15 @@ def part_trainers(report, device, quick, backbones, workdir):
 def timed(build, batch, size, num_classes, device, amp, warmup, steps):
     """Build a model (after freeing the last one: each model's peak memory is its own) and time its train step
     (measure.TrainStep: the median of `steps` steps after `warmup` and the grad scaler's settling; peak memory
-    from then on)."""
+    from then on); then count what one forward of the step saves for backward ('saved_mib')."""
     gc.collect()
     if device.type == 'cuda':
         torch.cuda.empty_cache()
     torch.manual_seed(0)
-    result = TrainStep(build(), batch, size, num_classes, device, amp).measure(warmup, steps)
+    step = TrainStep(build(), batch, size, num_classes, device, amp)
+    result = step.measure(warmup, steps)
+    result['saved_mib'] = sum(s.nbytes for s in step.saved().values()) / 2 ** 20
+    del step
     gc.collect()
     return result
 
@@ -944,6 +947,10 @@ def part_speed(report, device, setting):
         else:
             report.skip(part, f'{row}: peak GPU memory ISTA2/baseline', 'peak GPU memory is measured on CUDA only',
                         '', f'<= {MEMORY_RATIO:.2f}', asserted=False)
+        saved = ours['saved_mib'] / base['saved_mib']
+        ratio_line(report, part, f'{row}: saved for backward ISTA2/baseline', saved, SAVED_RATIO,
+                   setting.targets_apply(device),
+                   f'{saved:.3f} ({ours["saved_mib"]:.1f} / {base["saved_mib"]:.1f} MiB)')
 
 
 # ---------------------------------------------------------------------------------------------- 5. timm

@@ -6,6 +6,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -71,6 +72,11 @@ class TrainStep:
         if self.device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(self.device)
 
+    def saved(self):
+        """What one forward of this step (under its autocast) keeps for backward: `saved_for_backward`."""
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            return saved_for_backward(self.model, self.images)
+
     def peak_mib(self):
         """Peak memory since the warm-up: GPU memory allocated on CUDA; on the CPU, the peak resident memory
         above the process's footprint when this step was made (warm-up steps included: the CPU peak cannot be
@@ -83,6 +89,60 @@ class TrainStep:
         """{'seconds': the median of `steps` timed steps after the warm-up, 'peak_mib'}."""
         self.warm_up(warmup)
         return {'seconds': statistics.median(self() for _ in range(steps)), 'peak_mib': self.peak_mib()}
+
+
+@dataclass
+class Saved:
+    """A storage that tensors saved for backward lie in: its size, the shape and dtype of the first tensor saved
+    from it, and the slots that hold it ('<grad_fn name>.<saved attribute or index>')."""
+    nbytes: int
+    shape: tuple
+    dtype: torch.dtype
+    slots: set = field(default_factory=set)
+
+
+def saved_for_backward(model, *inputs):
+    """The storages one forward of `model(*inputs)` (with grad) saves for backward, as torch.autograd.graph's
+    saved_tensors_hooks see them (as activation checkpointing and offloading do): {storage's data_ptr: Saved}, each
+    storage once however many tensors (views) of it are saved, whole, and none that a parameter lies in. The slots
+    come from a walk of the autograd graph behind the output."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, alive = {}, []  # alive: each storage is kept until the end, so that no other can take its address
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters and storage.data_ptr() not in saved:
+            saved[storage.data_ptr()] = Saved(storage.nbytes(), tuple(tensor.shape), tensor.dtype)
+            alive.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = model(*inputs)
+    for node, slot, tensor in _saved_slots(output.grad_fn):
+        if tensor.untyped_storage().data_ptr() in saved:
+            saved[tensor.untyped_storage().data_ptr()].slots.add(f'{node.name()}.{slot}')
+    return saved
+
+
+def _saved_slots(root):
+    """(node, slot, tensor) for every tensor saved by the autograd graph from node `root` down: a custom
+    Function's saved_tensors by index, a built-in node's by attribute (_saved_self: 'self')."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            values = dict(enumerate(node.saved_tensors))
+        else:
+            values = {name.removeprefix('_saved_'): getattr(node, name) for name in dir(node)
+                      if name.startswith('_saved_')}
+        for slot, value in values.items():
+            for tensor in value if isinstance(value, tuple | list) else [value]:
+                if isinstance(tensor, torch.Tensor):
+                    yield node, slot, tensor
 
 
 def current_rss_mib():
@@ -117,10 +177,11 @@ def isolated(script, *args):
 
 def compare(script, variants, worker_args, rounds):
     """Run every variant once per round, alternating, so that drifts in machine speed hit all
-    of them alike; returns {variant: {'seconds': median over rounds, 'peak_mib': max}}."""
+    of them alike; returns {variant: {key: the median over rounds of what the worker reported, 'peak_mib' the
+    largest}}."""
     runs = {v: [] for v in variants}
     for _ in range(rounds):
         for v in variants:
             runs[v].append(isolated(script, v, *worker_args))
-    return {v: {'seconds': statistics.median(r['seconds'] for r in rs), 'peak_mib': max(r['peak_mib'] for r in rs)}
+    return {v: {key: (max if key == 'peak_mib' else statistics.median)(r[key] for r in rs) for key in rs[0]}
             for v, rs in runs.items()}

@@ -106,11 +106,18 @@ def _environment_ninja():
         os.environ['PATH'] = path
 
 
+def _tracing():
+    """Whether a tracer records this call rather than running it: torch.compile, torch.export (and so the ONNX
+    exporter of torch 2.5 and later, built on it), torch.jit.trace, or the TorchScript-based ONNX exporter (torch
+    2.4's default). A tracer sees neither the fused kernels (opaque calls) nor a number read on the host (it would
+    become a constant), so ISTA2 then runs its torch code path, unchunked, and reads the bank's fill on the device."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _cpu_kernels(x):
-    """The fused kernels if they serve tensor ``x`` (float32/64 on the CPU), else None (also under torch.compile,
-    which compiles the torch code path instead)."""
-    if not CPU_KERNELS or x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64) \
-            or torch.compiler.is_compiling():
+    """The fused kernels if they serve tensor ``x`` (float32/64 on the CPU), else None (also under a tracer,
+    `_tracing`, which records the torch code path instead)."""
+    if not CPU_KERNELS or x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64) or _tracing():
         return None
     return _load_cpu_kernels()
 
@@ -213,17 +220,17 @@ def _triton_probe(device, dtype):
 
 
 def _triton_kernels(x):
-    """The Triton kernels if they serve tensor ``x`` (`triton_in_use`), else None (also under torch.compile)."""
-    if torch.compiler.is_compiling():
+    """The Triton kernels if they serve tensor ``x`` (`triton_in_use`), else None (also under a tracer)."""
+    if _tracing():
         return None
     return _load_triton_kernels() if triton_in_use(x.device, x.dtype) else None
 
 
 def _rows(x):
     """x (..., c) as a 2-d (rows, c) tensor with unit channel stride (as the kernels need), a view where possible.
-    Under torch.compile (the torch code path, any strides) the reshape alone."""
+    Under a tracer (the torch code path, any strides) the reshape alone."""
     rows = x.reshape(-1, x.shape[-1])
-    return rows if torch.compiler.is_compiling() or rows.stride(-1) == 1 else rows.contiguous()
+    return rows if _tracing() or rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _distributed():
@@ -388,9 +395,9 @@ class _AlignToBest(torch.autograd.Function):
 
 def _chunks(rows, tokens, row_bytes):
     """Split rows = images x tokens (image-major) into (start, stop) pieces of at most CHUNK_BYTES
-    (row_bytes per row; one row at least), each either whole images or part of one image. Under torch.compile
-    one piece: its bounds would make every batch size a graph of its own."""
-    if torch.compiler.is_compiling():
+    (row_bytes per row; one row at least), each either whole images or part of one image. Under a tracer one
+    piece: its bounds would make every batch size a graph of its own (or fix a trace's batch size)."""
+    if _tracing():
         return [(0, rows)]
     per_chunk = max(1, CHUNK_BYTES // row_bytes)
     if per_chunk >= tokens:
@@ -411,8 +418,9 @@ def _masked_scores(v, candidates, allowed, heads, start, stop, tokens):
     barred = ~allowed[first:last]
     if last - first == 1:  # part of one image
         return scores.masked_fill_(barred[0], float('-inf'))
-    scores.view(heads, last - first, tokens, n).masked_fill_(barred[:, None], float('-inf'))
-    return scores
+    # returned from the in-place op itself: the TorchScript-based ONNX exporter follows that, not the write through
+    # the view into `scores`
+    return scores.view(heads, last - first, tokens, n).masked_fill_(barred[:, None], float('-inf')).view_as(scores)
 
 
 def _top_candidates(v, candidates, allowed, heads, k):
@@ -444,7 +452,7 @@ def _align_to_best(v, candidates, allowed, heads, scale):
     opmath = torch.promote_types(v.dtype, torch.float32)
     half = v.element_size() < 4  # half precision: the winner's score again, and the mix, in float32
     table = _candidate_rows(candidates, heads)
-    first_row = torch.arange(0, heads * n, n, device=v.device)  # of each head in `table`
+    first_row = torch.arange(heads, device=v.device) * n  # of each head in `table`
     out = torch.empty(rows, c, dtype=v.dtype, device=v.device)
     best = torch.empty(rows, heads, dtype=torch.long, device=v.device)
     weight = torch.empty(rows, heads, dtype=opmath, device=v.device)
@@ -473,12 +481,10 @@ def _align_to_best_backward(grad, v, candidates, best, weight, heads, scale, can
     n, d = candidates.shape[0], c // heads
     opmath = weight.dtype
     table = _candidate_rows(candidates, heads)
-    first_row = torch.arange(0, heads * n, n, device=v.device)
+    first_row = torch.arange(heads, device=v.device) * n
     grad_v = torch.empty(rows, c, dtype=v.dtype, device=v.device)
     grad_rows = torch.zeros(heads * n, d, dtype=opmath, device=v.device) if candidates_grad else None
-    step = max(1, CHUNK_BYTES // (4 * c * max(v.element_size(), 4)))
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
+    for start, stop in _chunks(rows, 1, 4 * c * max(v.element_size(), 4)):
         g, v_heads = grad[start:stop].view(-1, heads, d), v[start:stop].view(-1, heads, d)
         w = weight[start:stop]
         index = best[start:stop] + first_row  # rows of `table`
@@ -618,8 +624,12 @@ class ISTA2(nn.Module):
 
         The bias's leading dim cycles over the rows of each image (Swin windows)."""
         drop = self.attn_drop_layer
-        if bias is None and self.rep_tkn_type != 'cls+bg' and (drop is None or type(drop) is nn.Dropout):
-            # fused kernel; with a bias that needs a gradient it would be no faster than the explicit path
+        if bias is None and self.rep_tkn_type != 'cls+bg' and (drop is None or type(drop) is nn.Dropout) \
+                and not torch.onnx.is_in_onnx_export():
+            # fused kernel; with a bias that needs a gradient it would be no faster than the explicit path. Not in
+            # an ONNX export: the TorchScript-based exporter's scaled_dot_product_attention fails on an explicit
+            # scale (torch 2.4 to 2.14: "z_(): incompatible function arguments"), and either exporter writes out
+            # the same products and softmax as the explicit path
             p = drop.p if drop is not None and drop.training else 0.
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.qk_scale)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # batched matmul loops over strided heads
@@ -672,7 +682,9 @@ class ISTA2(nn.Module):
         others = n - 1 if self.bs_ratio is None else math.ceil((n - 1) * self.bs_ratio)
         if others == 0:
             return v
-        topk = min(self.attn_inter_topk, others * reps_per_image)
+        # not min(): under torch 2.4's compile, min(1, batch - 1) pins the batch size to 2 when it is 2
+        pooled = others * reps_per_image
+        topk = self.attn_inter_topk if pooled >= self.attn_inter_topk else pooled
         # Image g may use the first `others` images of the pool other than itself: all of them lie
         # among the first others+1, and of those exactly one is barred, image min(g, others).
         candidates = reps[:others + 1].flatten(0, 1)  # ((others+1)*J, c)
@@ -699,10 +711,10 @@ class ISTA2(nn.Module):
     def _align_to_bank(self, v):
         """v (m, T, c) aligned as in `_align`, with every image's candidates the bank's rows: no image sees
         another, so each output is that of the image alone. An empty bank aligns nothing (with a warning).
-        Under torch.compile, which cannot read the count without a graph break: the whole bank with its unfilled
-        rows barred, the same when it holds top-k rows or more (a trained or rebuilt bank is full), asserted on
-        the device."""
-        if torch.compiler.is_compiling():
+        Under a tracer, which cannot read the count (torch.compile without a graph break, an export at all): the
+        whole bank with its unfilled rows barred, the same when it holds top-k rows or more (a trained or rebuilt
+        bank is full), asserted on the device."""
+        if _tracing():
             topk = min(self.attn_inter_topk, self.bank_size)
             torch._assert_async(self.bank_count >= topk, 'ISTA2: fewer rows in the bank than attn_inter_topk')
             allowed = (torch.arange(self.bank_size, device=v.device) < self.bank_count).expand(v.shape[0], -1)
@@ -724,7 +736,9 @@ class ISTA2(nn.Module):
         `topk` best allowed candidates by the softmax of the scaled scores, itself included."""
         m, tokens, c = v.shape
         h, d = self.num_heads, c // self.num_heads
-        if topk == 1:
+        if topk == 1 and not torch.onnx.is_in_onnx_export():
+            # (an ONNX export records the code below with k = 1, the same softmax of [s v.v, s v.r*]: the
+            # TorchScript-based exporter loses _AlignToBest's writes into its preallocated outputs)
             out, best = _AlignToBest.apply(v, candidates, allowed, h, self.v_scale)
             if self.keep_winners:
                 self.winners = best.long().unsqueeze(-1)
@@ -737,8 +751,9 @@ class ISTA2(nn.Module):
         v_heads, candidates = v.view(m, tokens, h, d), candidates.view(-1, h, d)
         head_start = torch.arange(h, device=v.device).view(h, 1) * candidates.shape[0]
         chosen = F.embedding(best + head_start, candidates.transpose(0, 1).flatten(0, 1))  # (m, T, h, k, d)
-        logits = torch.cat([torch.linalg.vecdot(v_heads, v_heads).unsqueeze(-1),
-                            torch.linalg.vecdot(v_heads.unsqueeze(-2), chosen)], -1) * self.v_scale
+        # products summed rather than torch.linalg.vecdot, which the TorchScript-based ONNX exporter lacks
+        logits = torch.cat([v_heads.square().sum(-1, keepdim=True), (v_heads.unsqueeze(-2) * chosen).sum(-1)],
+                           -1) * self.v_scale
         # softmax in fp32 at least, also under autocast
         weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
         return torch.addcmul((weights[..., 1:, None] * chosen).sum(-2), weights[..., :1], v_heads).view(m, tokens, c)

@@ -25,12 +25,25 @@ import os
 import re
 import runpy
 import sys
+from collections import deque
 
 import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
-from timm.models import beit, deit, eva, pvt_v2, register_model, swin_transformer, twins, vision_transformer
+from timm.models import (
+    DefaultCfg,
+    beit,
+    deit,
+    eva,
+    get_arch_pretrained_cfgs,
+    pvt_v2,
+    register_model,
+    split_model_name_tag,
+    swin_transformer,
+    twins,
+    vision_transformer,
+)
 from torch import nn
 
 from common.errors import ConfigError, UserError
@@ -53,7 +66,7 @@ def _per_head(norm, x, heads):
     """timm's per-head q/k norm (over head_dim) on x (B, N, h*d); x itself when there is none."""
     if isinstance(norm, nn.Identity):
         return x
-    return norm(x.unflatten(-1, (heads, -1))).flatten(-2)
+    return norm(x.view(x.shape[0], x.shape[1], heads, -1)).flatten(-2)  # not unflatten: see EvaAttention._rotate
 
 
 def _fused_qkv(attn, x):
@@ -155,7 +168,10 @@ class EvaAttention(_Patched, eva.EvaAttention):
     def _rotate(self, t, rope):
         """The rotary embedding on the tokens after the prefix ones (class, register, background)."""
         prefix = self.num_prefix_tokens + self.ista2_prefix
-        heads = t[:, prefix:].unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, h, N', d)
+        patches = t[:, prefix:]
+        # sizes read from the tensor, not unflatten: a TorchScript-based ONNX export then keeps the batch size
+        # dynamic (docs/design.md); each one by index, which torch.fx can trace (it cannot unpack a shape)
+        heads = patches.view(patches.shape[0], patches.shape[1], self.num_heads, -1).transpose(1, 2)  # (B, h, N', d)
         rotated = apply_rot_embed_cat(heads, rope).transpose(1, 2).flatten(-2)
         return torch.cat([t[:, :prefix], rotated], dim=1)
 
@@ -416,10 +432,18 @@ REGISTERED = (
 )
 
 
+# `<name>_ista2` -> the pretrained cfgs of `<name>` (tags, input size, weights), which timm's register_model reads
+# from the module: timm.get_pretrained_cfg, list_models(name_matches_cfg=True) and the `<name>_ista2.<tag>` names
+# work as for the base, and pretrained=True loads the base's weights
+default_cfgs = {}
+
+
 def _register(base):
     def entrypoint(pretrained=False, **kwargs):
         return create_ista2_model(base, pretrained=pretrained, **kwargs)
 
+    cfgs = {split_model_name_tag(name)[1]: cfg for name, cfg in get_arch_pretrained_cfgs(base).items()}
+    default_cfgs[f'{base}_ista2'] = DefaultCfg(deque(cfgs), cfgs, any(cfg.has_weights for cfg in cfgs.values()))
     entrypoint.__name__ = entrypoint.__qualname__ = f'{base}_ista2'
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = (f"timm's {base} with ISTA2 in every attention block (options: PUBLISHED, overridden by "

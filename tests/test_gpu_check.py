@@ -103,9 +103,10 @@ def test_the_cpu_smoke_run_reports_every_part(tmp_path):
     group = trainers['PVTv2: process group (NCCL on CUDA, even for one process)']['note']
     assert 'a CPU run joins no group with one process' in group
 
-    speed = lines_of(report, 'speed')  # 3 CIFAR pairs x (time, memory); targets never asserted
-    assert len(speed) == 6 and all(line['status'] == 'SKIP' and not line['asserted'] for line in speed)
+    speed = lines_of(report, 'speed')  # 3 CIFAR pairs x (time, peak memory, saved memory); targets never asserted
+    assert len(speed) == 9 and all(line['status'] == 'SKIP' and not line['asserted'] for line in speed)
     assert all(line['measured'].endswith('img/s)') for line in speed if 'train step' in line['check'])
+    assert all(line['measured'].endswith(' MiB)') for line in speed if 'saved for backward' in line['check'])
 
     timm = lines_of(report, 'timm')
     assert [line['status'] for line in timm] == ['PASS', 'SKIP', 'PASS', 'SKIP', 'PASS', 'SKIP']

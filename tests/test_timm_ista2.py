@@ -244,6 +244,26 @@ def test_registered_names_take_options_from_model_kwargs():
         timm.create_model('deit_tiny_patch16_224_ista2', **parse_model_kwargs(*small, 'qk_norm=yes'))
 
 
+def test_registered_names_have_their_base_models_pretrained_cfgs():
+    """What timm's own model tests read by name (tests/timm_model_tests.py runs them): the cfgs and their tags."""
+    assert {f'{n}_ista2' for n in timm_ista2.REGISTERED} <= set(timm.list_models(name_matches_cfg=True))
+    for base in timm_ista2.REGISTERED:
+        tags = [name.partition('.')[2] for name in timm.list_models(base, include_tags=True)]
+        assert [name.partition('.')[2] for name in timm.list_models(f'{base}_ista2', include_tags=True)] == tags
+        cfg, base_cfg = timm.get_pretrained_cfg(f'{base}_ista2'), timm.get_pretrained_cfg(base)
+        assert cfg.architecture == f'{base}_ista2' and cfg.input_size == base_cfg.input_size
+    tagged = timm.create_model('vit_tiny_patch16_224_ista2.augreg_in21k', depth=1)  # the tag's 21843 classes
+    assert tagged.num_classes == timm.create_model('vit_tiny_patch16_224.augreg_in21k', depth=1).num_classes > 1000
+
+
+def test_timm_model_tests_follow_each_base_model_with_its_twin():
+    from tests.timm_model_tests import _with_twins
+    assert _with_twins(['model_name'], ['pvt_v2_b0.in1k', 'resnet18', 'pvt_v2_b0_ista2']) == [
+        'pvt_v2_b0.in1k', 'pvt_v2_b0_ista2.in1k', 'resnet18']
+    swin = 'swin_tiny_patch4_window7_224'
+    assert _with_twins(['model_name', 'img_size'], [(swin, 224)]) == [(swin, 224), (f'{swin}_ista2', 224)]
+
+
 def test_timm_training_path_end_to_end(tiny_data, tmp_path):
     """What timm's train.py and validate.py do with `--model deit_tiny_patch16_224_ista2 --model-kwargs ...`,
     step by step through timm's own factories (the scripts themselves are not part of the timm wheel)."""

@@ -24,7 +24,7 @@ class DWConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x, H, W):
-        x = self.dwconv(x.transpose(1, 2).unflatten(2, (H, W)))
+        x = self.dwconv(x.transpose(1, 2).reshape(x.shape[0], -1, H, W))
         return x.flatten(2).transpose(1, 2)
 
 
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         """(B, H*W, C) -> (B, N', C), the tokens keys and values are computed from."""
         if not self.linear and self.sr_ratio == 1:
             return x
-        grid = x.transpose(1, 2).unflatten(2, (H, W))
+        grid = x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
         if self.linear:
             return self.act(self.norm(self.sr(self.pool(grid)).flatten(2).transpose(1, 2)))
         return self.norm(self.sr(grid).flatten(2).transpose(1, 2))
@@ -163,7 +163,7 @@ class PyramidVisionTransformerV2(nn.Module):
             x, H, W = getattr(self, f'patch_embed{i}')(x)
             for block in getattr(self, f'block{i}'):
                 x = block(x, H, W)
-            x = getattr(self, f'norm{i}')(x).transpose(1, 2).unflatten(2, (H, W))
+            x = getattr(self, f'norm{i}')(x).transpose(1, 2).reshape(x.shape[0], -1, H, W)
             maps.append(x)
         return maps
 

@@ -88,7 +88,7 @@ class Attention(nn.Module):
     def forward(self, x, h, w):
         """x (B, extra + h*w, C_in) -> (B, extra + h*w, C_out)."""
         extra, patches = x[:, :self.extra_tokens], x[:, self.extra_tokens:]
-        grid = patches.transpose(1, 2).unflatten(2, (h, w))
+        grid = patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)
         q, k, v = (torch.cat([extra, proj(grid).transpose(1, 2) if proj is not None else patches], dim=1)
                    for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))
         out = self.ista2(self.proj_q(q), self.proj_k(k), self.proj_v(v))
@@ -121,7 +121,7 @@ class ConvEmbed(nn.Module):
     def forward(self, x):
         x = self.proj(x)
         if self.norm is not None:
-            x = self.norm(x.flatten(2).transpose(1, 2)).transpose(1, 2).unflatten(2, x.shape[2:])
+            x = self.norm(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
         return x
 
 
