@@ -23,7 +23,7 @@ from bench_train_step import CONFIGS, PAIRS  # noqa: E402
 from common.backbones import BACKBONES  # noqa: E402
 from common.runtime import tune_cpu  # noqa: E402
 
-from measure import TrainStep, add_step_args, compare, device_name, report  # noqa: E402
+from measure import TrainStep, add_step_args, compare, device_name, report, synchronize  # noqa: E402
 
 MODES = ('eager', 'compiled')
 
@@ -34,12 +34,10 @@ def evaluation_seconds(model, images, repeats):
     times = []
     with torch.no_grad():
         for _ in range(repeats + 1):
-            if images.is_cuda:
-                torch.cuda.synchronize()
+            synchronize(images.device)
             start = time.perf_counter()
             model(images)
-            if images.is_cuda:
-                torch.cuda.synchronize()
+            synchronize(images.device)
             times.append(time.perf_counter() - start)
     return times[0], statistics.median(times[1:])
 

@@ -87,7 +87,7 @@ from common import checkpoint, launch  # noqa: E402
 from common import ista2 as ista2_module  # noqa: E402
 from common.backbones import BACKBONES, config_name  # noqa: E402
 from common.demo_data import CLASSES, generate  # noqa: E402
-from common.ista2 import ISTA2  # noqa: E402
+from common.ista2 import ISTA2, _scaled, _weighted  # noqa: E402
 from common.ista2_oracle import naive_ista2  # noqa: E402
 
 from measure import TrainStep  # noqa: E402
@@ -373,11 +373,11 @@ class Reference:
         """(out, grads, (v, candidates, allowed) of the alignment) with the module's winners, or `winners`."""
         module, captured = self.module, []
 
-        def mix(v, candidates, allowed, topk):
-            captured.append((v.detach(), candidates.detach(), allowed))
+        def mix(v, weight, candidates, allowed, topk):  # v to be scaled by the v norm's weight (or None)
+            captured.append((_scaled(v, weight).detach(), candidates.detach(), allowed))
             if winners is None:
-                return ISTA2._mix(module, v, candidates, allowed, topk)
-            return mix_at(v, candidates, winners, module.num_heads, module.v_scale)
+                return ISTA2._mix(module, v, weight, candidates, allowed, topk)
+            return mix_at(_weighted(v, weight), candidates, winners, module.num_heads, module.v_scale), None
 
         module._mix = mix  # an instance attribute, for this call only
         try:

@@ -24,6 +24,12 @@ def device_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'
 
 
+def synchronize(device):
+    """Wait for the work queued on `device` (a CUDA device; elsewhere there is nothing to wait for)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 class TrainStep:
     """The train step the benchmarks time, as the trainers run it: forward and cross-entropy (under fp16 autocast
     with a grad scaler when `amp`, the trainers' CUDA default), backward and an AdamW update, on fixed random
@@ -41,12 +47,8 @@ class TrainStep:
         self.labels = torch.randint(0, classes, (batch,), device=self.device, generator=generator)
         self.rss_before = current_rss_mib()
 
-    def _sync(self):
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-
     def __call__(self):
-        self._sync()
+        synchronize(self.device)
         start = time.perf_counter()
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             loss = torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
@@ -54,7 +56,7 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self._sync()
+        synchronize(self.device)
         return time.perf_counter() - start
 
     def warm_up(self, steps, settle=50):

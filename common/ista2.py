@@ -106,12 +106,18 @@ def _environment_ninja():
         os.environ['PATH'] = path
 
 
+def _exporting_onnx():
+    """Whether an ONNX exporter records this call (within `_tracing`): ISTA2 then also avoids the ops that either
+    exporter writes wrongly (`ISTA2._attend`, `ISTA2._mix`)."""
+    return torch.onnx.is_in_onnx_export()
+
+
 def _tracing():
     """Whether a tracer records this call rather than running it: torch.compile, torch.export (and so the ONNX
     exporter of torch 2.5 and later, built on it), torch.jit.trace, or the TorchScript-based ONNX exporter (torch
     2.4's default). A tracer sees neither the fused kernels (opaque calls) nor a number read on the host (it would
     become a constant), so ISTA2 then runs its torch code path, unchunked, and reads the bank's fill on the device."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _exporting_onnx()
 
 
 def _cpu_kernels(x):
@@ -189,15 +195,14 @@ def _triton_probe(device, dtype):
                                                                    generator=generator)) % images
     v = 0.6 * candidates[chosen, torch.arange(heads)] + 0.2 * torch.randn(images, tokens, heads, d, generator=generator)
     grad = torch.randn(images * tokens, heads * d, generator=generator)
-    weight = (torch.rand(heads * d, generator=generator) + 0.5).to(device)  # float32, as under autocast
     scale, eps = d ** -0.5, torch.finfo(torch.float32).eps
 
     def results(norm_forward, norm_backward, align_forward, align_backward, precision):
-        """(y, grad_x, grad_weight, out, grad_v, grad_candidates) of one path, on the inputs rounded to dtype."""
+        """(y, grad_x, out, grad_v, grad_candidates) of one path, on the inputs rounded to dtype."""
         x, g, r = (t.reshape(-1, heads * d).to(device, dtype).to(precision) for t in (v, grad, candidates))
-        y, inv_rms = norm_forward(x, weight, eps)
+        y, inv_rms = norm_forward(x, eps)
         out, best, mix_weight = align_forward(x, r, allowed, heads, scale)
-        return (y, *norm_backward(g, x, weight, inv_rms, True), out,
+        return (y, norm_backward(g, y, inv_rms.view(-1, 1)), out,
                 *align_backward(g, x, r, best, mix_weight, heads, scale, True))
 
     kernels = _load_triton_kernels()
@@ -209,8 +214,7 @@ def _triton_probe(device, dtype):
     except Exception as error:
         first_line = str(error).partition('\n')[0]
         return f'{type(error).__name__}: {first_line}'
-    names = ('RMSNorm y', 'RMSNorm grad_x', 'RMSNorm grad_weight', 'alignment out', 'alignment grad_v',
-             'alignment grad_candidates')
+    names = ('RMSNorm y', 'RMSNorm grad_x', 'alignment out', 'alignment grad_v', 'alignment grad_candidates')
     for name, result, reference in zip(names, found, expected, strict=True):
         error = ((result.double() - reference).abs().max() / reference.abs().max()).item()
         if not error <= PROBE_TOLERANCE[dtype]:  # NaN included
@@ -259,63 +263,97 @@ def gather_from_ranks(x):
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """y = x / sqrt(mean(x^2) + eps) [* w] over the last dim; w may be None. One fused pass on
-    the CPU (float32/64) and on CUDA (Triton; float32/16, bfloat16, summed in float32); elsewhere
-    3 passes forward and 6 backward (torch 2.4's composite nn.RMSNorm takes about three times as long)."""
+    """y = x / sqrt(mean(x^2) + eps) over the last dim, differentiated from its output: it keeps y (which the
+    attention keeps anyway, so no storage of its own) and one inverse RMS per row, not x. The norms' weights are
+    applied where their outputs are used (`ISTA2._attend`, `_AlignToBest`), so that y stays the unweighted one.
+    One fused pass each way on the CPU (float32/64) and on CUDA (Triton; float32/16, bfloat16, summed in
+    float32); elsewhere torch code (`_rms_norm`, `_rms_norm_backward`).
+
+    background (cls, bg) or None: token bg of x (..., tokens, c) is ISTA2's background query, which attends where
+    the class query does not (`ISTA2._attend`): its row of y becomes minus the class token's, written into y itself
+    (no copy for the attention to keep), and takes no gradient (the reference's rule)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, eps, background=None):
         opmath = torch.promote_types(x.dtype, torch.float32)
         eps = torch.finfo(opmath).eps if eps is None else eps
         kernels = _cpu_kernels(x)
         triton_kernels = None if kernels is not None else _triton_kernels(x)
-        ctx.triton = triton_kernels is not None
-        if kernels is not None:
-            y, inv_rms = kernels.rms_norm_forward(_rows(x), weight, eps)
-            y, inv_rms = y.view(x.shape), inv_rms.view(*x.shape[:-1], 1)
-        elif triton_kernels is not None:  # inv_rms: (rows,) float32
-            y, inv_rms = triton_kernels.rms_norm_forward(_rows(x), weight, eps)
+        ctx.path = 'cpu' if kernels is not None else 'triton' if triton_kernels is not None else 'torch'
+        if ctx.path == 'torch':
+            y, inv_rms = _rms_norm(x, eps)
+        else:  # inv_rms: (rows,), in x's dtype on the CPU, float32 from Triton
+            y, inv_rms = (kernels or triton_kernels).rms_norm_forward(_rows(x), eps)
             y = y.view(x.shape)
-        else:
-            y, inv_rms = _rms_norm(x, weight, eps)
-        ctx.save_for_backward(x, weight, inv_rms)
+        ctx.background = background
+        if background is not None:
+            cls, bg = background
+            y[..., bg, :] = -y[..., cls, :]
+        ctx.save_for_backward(y, inv_rms)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, inv_rms = ctx.saved_tensors
-        weight_grad = weight is not None and ctx.needs_input_grad[1]
-        if ctx.triton:
-            grad_x, grad_w = _load_triton_kernels().rms_norm_backward(_rows(grad), _rows(x), weight, inv_rms,
-                                                                      weight_grad)
-            return grad_x.view(x.shape), grad_w, None
-        kernels = _cpu_kernels(x)
-        if kernels is not None and grad.dtype == x.dtype:
-            grad_x, grad_w = kernels.rms_norm_backward(_rows(grad), _rows(x), weight, inv_rms.reshape(-1),
-                                                       weight_grad)
-            return grad_x.view(x.shape), grad_w if weight_grad else None, None
-        return *_rms_norm_backward(grad, x, weight, inv_rms, weight_grad), None
+        y, inv_rms = ctx.saved_tensors
+        if ctx.background is not None:
+            grad = grad.clone()
+            grad[..., ctx.background[1], :] = 0
+        if ctx.path == 'torch' or grad.dtype != y.dtype:
+            return _rms_norm_backward(grad, y, inv_rms.view(*y.shape[:-1], 1)), None, None
+        kernels = _load_cpu_kernels() if ctx.path == 'cpu' else _load_triton_kernels()
+        return kernels.rms_norm_backward(_rows(grad), _rows(y), inv_rms).view(y.shape), None, None
 
 
-def _rms_norm(x, weight, eps):
+def _rms_norm(x, eps):
     """The torch code of `_RMSNormFunction`'s forward: x (..., c) -> y (..., c), inv_rms (..., 1) in x's dtype."""
     opmath = torch.promote_types(x.dtype, torch.float32)
     mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=opmath).square_().div_(x.shape[-1])
     inv_rms = mean_square.add_(eps).rsqrt_().to(x.dtype)
-    return (x * inv_rms if weight is None else (x * inv_rms).mul_(weight)), inv_rms
+    return x * inv_rms, inv_rms
 
 
-def _rms_norm_backward(grad, x, weight, inv_rms, weight_grad):
-    """The torch code of `_RMSNormFunction`'s backward: grad, x (..., c), inv_rms (..., 1) -> grad_x (..., c),
-    grad_weight (c,) or None."""
-    grad_times_x = (grad * x).reshape(-1, x.shape[-1])  # shared by both gradients
+def _rms_norm_backward(grad, y, inv_rms):
+    """The torch code of `_RMSNormFunction`'s backward, from its output: grad, y (..., c), inv_rms (..., 1) ->
+    grad_x = inv_rms (grad - y mean(grad y)), (..., c) in grad's dtype."""
+    mean = torch.linalg.vecdot(grad, y.to(grad.dtype)).unsqueeze_(-1).div_(y.shape[-1])
+    return (grad - y * mean).mul_(inv_rms)
+
+
+def _scaled(x, weight):
+    """x (..., c) times a norm's weight (c, or broadcastable) in x's dtype (under autocast, the dtype the norm
+    ran in), or x. Without autograd of its own: see `_weighted`."""
+    return x if weight is None else x * weight.to(x.dtype)
+
+
+def _weight_grad(grad, x, weight):
+    """d loss / d weight of y = x * weight from grad (the shape of x): the products and their sum in float32 at
+    least, as the hand-written norm kernels summed them, -> the weight's shape and dtype."""
+    opmath = torch.promote_types(grad.dtype, torch.float32)
+    product = grad.to(opmath) * x.to(opmath)
+    return product.sum_to_size(weight.shape).to(weight.dtype)
+
+
+class _WeightProduct(torch.autograd.Function):
+    """`_scaled` with autograd: keeps x (a norm's output, kept by the norm anyway) and the weight, not the
+    product, and sums the weight's gradient in float32 at least (`_weight_grad`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return _scaled(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_weight = _weight_grad(grad, x, weight) if ctx.needs_input_grad[1] else None
+        return _scaled(grad, weight), grad_weight
+
+
+def _weighted(x, weight):
+    """x times a norm's weight as autograd sees it (`_WeightProduct`; plain torch under a tracer), or x."""
     if weight is None:
-        dot, grad_x = grad_times_x.sum(-1), grad * inv_rms
-    else:
-        dot, grad_x = grad_times_x.mv(weight.to(grad.dtype)), (grad * weight).mul_(inv_rms)
-    coef = dot.view(inv_rms.shape) * inv_rms.pow(3) / x.shape[-1]  # from sum_c grad * w * x per row
-    grad_x.addcmul_(x, coef, value=-1)
-    return grad_x, grad_times_x.t().mv(inv_rms.reshape(-1)) if weight_grad else None
+        return x
+    return _scaled(x, weight) if _tracing() else _WeightProduct.apply(x, weight)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -332,29 +370,75 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _contiguous_scaled(x, weight):
+    """`_scaled`, written into a new contiguous tensor in one pass."""
+    if weight is None:
+        return x.contiguous()
+    return torch.mul(x, weight.to(x.dtype), out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+class _Logits(torch.autograd.Function):
+    """q . (k * weight) * scale: q (b, h, p1, d), k (b, h, p2, d) of any strides (the heads of the norms'
+    token-major outputs), weight (h, 1, d) or None -> (b, h, p1, p2). Keeps q, k and the weight as they are,
+    which the norms keep anyway, where autograd would keep contiguous copies of q and k * weight (the batched
+    products want contiguous operands on the CPU); the backward makes those again."""
+
+    @staticmethod
+    def forward(ctx, q, k, weight, scale):
+        ctx.save_for_backward(q, k, weight)
+        logits = torch.matmul(q.contiguous(), _contiguous_scaled(k, weight).transpose(-2, -1)).mul_(scale)
+        ctx.scale, ctx.dtype = scale, logits.dtype  # under autocast, the dtype the product ran in
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, weight = ctx.saved_tensors
+        q, k = q.to(ctx.dtype), k.to(ctx.dtype)
+        grad = grad.to(ctx.dtype) * ctx.scale
+        grad_q = torch.matmul(grad, _contiguous_scaled(k, weight)) if ctx.needs_input_grad[0] else None
+        grad_k = grad_weight = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_k = torch.matmul(grad.transpose(-2, -1), q.contiguous())  # d logits / d (k * weight)
+            if ctx.needs_input_grad[2]:
+                grad_weight = _weight_grad(grad_k, k, weight)
+            if weight is not None:
+                grad_k = grad_k.mul_(weight.to(grad_k.dtype))
+        return grad_q, grad_k, grad_weight, None
+
+
+def _logits(q, k, weight, scale):
+    """`_Logits`, or under a tracer (`_tracing`) the same products in plain torch."""
+    if _tracing():
+        return torch.matmul(q, _scaled(k, weight).transpose(-2, -1)) * scale
+    return _Logits.apply(q, k, weight, scale)
+
+
 class _AlignToBest(torch.autograd.Function):
     """Top-1 alignment, v' = (1 - w) v + w r* with w = sigmoid(s (v.r* - v.v)) and r* the best
     allowed candidate, per head. This is softmax([s v.v, s v.r*]) written as one sigmoid.
 
-    v (m, T, c): T tokens of each of m images; candidates (n, c); allowed (m, n) bool: whether
-    image i may use candidate j. Returns (m, T, c) and the winners (m, T, h) (no gradient). Three
-    implementations of the same numbers: the fused CPU kernels (float32/64 CPU tensors), the Triton
-    kernels (float32/16 and bfloat16 CUDA tensors), else torch code (`_align_to_best`). Each keeps for
-    the backward v, the candidates and, per token and head, only the winner's index and weight; the
-    backward is written out by hand.
+    v = v_hat * norm_weight: v_hat (m, T, c), T tokens of each of m images (the v norm's output, which that
+    norm keeps too), times its weight (c,) or None; candidates (n, c); allowed (m, n) bool: whether image i may
+    use candidate j. Returns (m, T, c) and the winners (m, T, h) (no gradient). Three implementations of the
+    same numbers: the fused CPU kernels (float32/64 CPU tensors), the Triton kernels (float32/16 and bfloat16
+    CUDA tensors), else torch code (`_align_to_best`). Each keeps for the backward v_hat, the weight, the
+    candidates and, per token and head, only the winner's index and weight; v is made again in the backward
+    (one product), and the backward is written out by hand. Also returns the mix weights w (m, T, h), which
+    with the winners make v' again (`_aligned_values`; no gradient through either).
     """
 
     @staticmethod
-    def forward(ctx, v, candidates, allowed, heads, scale):
-        """Runs in v's dtype (under AMP, the dtype of the norm or projection before it, with autocast off);
+    def forward(ctx, v_hat, norm_weight, candidates, allowed, heads, scale):
+        """Runs in v_hat's dtype (under AMP, the dtype of the norm or projection before it, with autocast off);
         scores, weights and sums in float32 at least. Without grad, as eager autograd runs it anyway (said
         here for torch.compile, which traces it)."""
         with torch.autocast('cuda', enabled=False), torch.autocast('cpu', enabled=False), torch.no_grad():
-            return _AlignToBest._forward(ctx, v, candidates, allowed, heads, scale)
+            return _AlignToBest._forward(ctx, v_hat, norm_weight, candidates, allowed, heads, scale)
 
     @staticmethod
-    def _forward(ctx, v, candidates, allowed, heads, scale):
+    def _forward(ctx, v_hat, norm_weight, candidates, allowed, heads, scale):
         ctx.heads, ctx.scale = heads, scale
+        v = _scaled(v_hat, norm_weight)
         candidates = candidates.to(v.dtype)
         shape = v.shape
         kernels = _cpu_kernels(v)
@@ -371,26 +455,94 @@ class _AlignToBest(torch.autograd.Function):
             ctx.path = 'torch'
             v = _rows(v)
             out, best, weight = _align_to_best(v, candidates, allowed, heads, scale)
-        ctx.save_for_backward(v, candidates, best, weight)
-        ctx.mark_non_differentiable(best)
-        return out.view(shape), best.view(shape[:-1] + (heads,))
+        ctx.save_for_backward(v_hat, norm_weight, candidates, best, weight)
+        ctx.mark_non_differentiable(best, weight)
+        return out.view(shape), best.view(shape[:-1] + (heads,)), weight.view(shape[:-1] + (heads,))
 
     @staticmethod
-    def backward(ctx, grad, _):
-        v, candidates, best, weight = ctx.saved_tensors
-        candidates_grad = ctx.needs_input_grad[1]
+    def backward(ctx, grad, _, __):
+        v_hat, norm_weight, candidates, best, weight = ctx.saved_tensors
+        v = _scaled(v_hat, norm_weight)
+        candidates_grad = ctx.needs_input_grad[2]
         if ctx.path == 'cpu':
             grad_v, grad_candidates = _load_cpu_kernels().align_backward(
-                grad.to(v.dtype), v, candidates, best, weight, ctx.heads, ctx.scale, candidates_grad)
-            return grad_v, grad_candidates if candidates_grad else None, None, None, None
-        shape, grad = grad.shape, _rows(grad)
-        if ctx.path == 'triton':
-            grad_v, grad_candidates = _load_triton_kernels().align_backward(
-                grad, v, candidates, best, weight, ctx.heads, ctx.scale, candidates_grad)
+                grad.to(v.dtype), v.contiguous(), candidates, best, weight, ctx.heads, ctx.scale, candidates_grad)
         else:
-            grad_v, grad_candidates = _align_to_best_backward(
-                grad.to(v.dtype), v, candidates, best, weight, ctx.heads, ctx.scale, candidates_grad)
-        return grad_v.view(shape), grad_candidates, None, None, None
+            grad_rows, v = _rows(grad), _rows(v)
+            if ctx.path == 'triton':
+                grad_v, grad_candidates = _load_triton_kernels().align_backward(
+                    grad_rows, v, candidates, best, weight, ctx.heads, ctx.scale, candidates_grad)
+            else:
+                grad_v, grad_candidates = _align_to_best_backward(
+                    grad_rows.to(v.dtype), v, candidates, best, weight, ctx.heads, ctx.scale, candidates_grad)
+            grad_v = grad_v.view(grad.shape)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = _weight_grad(grad_v, v_hat, norm_weight)
+        if norm_weight is not None:
+            grad_v = grad_v.mul_(norm_weight.to(grad_v.dtype))
+        return grad_v, grad_weight, grad_candidates if candidates_grad else None, None, None, None
+
+
+class _TimesValues(torch.autograd.Function):
+    """attn @ v, attn (b, h, p1, p2), v (b, h, p2, d) a view of token-major values (m, T, c) (m T = b p2), keeping v
+    as it is (torch.matmul would keep a copy of the heads). With `remake`, v is `_AlignToBest`'s output and remake
+    what made it, as `_AlignToBest` keeps it (v_hat (m, T, c), the norm weight, the candidates, the winners and mix
+    weights (m, T, h)): those are kept instead, and the backward makes v again (`_aligned_values`, a gather and a
+    lerp), so that a training step keeps v_hat alone where it kept v_hat and v."""
+
+    @staticmethod
+    def forward(ctx, attn, v, *remake):
+        ctx.save_for_backward(attn, *(remake or (v,)))
+        out = attn @ v
+        ctx.v_shape, ctx.dtype = v.shape, out.dtype  # under autocast, the dtype the product ran in
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        attn, *kept = ctx.saved_tensors
+        grad = grad.to(ctx.dtype)
+        grad_attn = grad_v = None
+        if ctx.needs_input_grad[0]:
+            if len(kept) == 1:
+                v = kept[0]
+            else:
+                b, h, p2, d = ctx.v_shape
+                v = _aligned_values(*kept).view(b, p2, h, d).transpose(1, 2)
+            grad_attn = grad @ v.transpose(-2, -1).to(ctx.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_v = attn.to(ctx.dtype).transpose(-2, -1) @ grad
+        return grad_attn, grad_v, *[None] * (len(ctx.needs_input_grad) - 2)
+
+
+def _aligned_values(v_hat, norm_weight, candidates, best, mix_weight):
+    """v' = v + w (r* - v) again, from v_hat (m, T, c), the norm weight, the candidates (n, c) and, per token and
+    head, the winner and its weight w (m, T, h), with v = v_hat * norm_weight; in float32 at least."""
+    heads = best.shape[-1]
+    v = _scaled(v_hat, norm_weight).unflatten(-1, (heads, -1))
+    opmath = torch.promote_types(v.dtype, torch.float32)
+    first_row = torch.arange(heads, device=v.device) * candidates.shape[0]
+    chosen = F.embedding(best.long() + first_row, _candidate_rows(candidates.to(v.dtype), heads))  # (m, T, h, d)
+    mixed = (chosen.to(opmath) - v).mul_(mix_weight.unsqueeze(-1)).add_(v)
+    return mixed.to(v.dtype).flatten(-2)
+
+
+class _BackgroundRow(torch.autograd.Function):
+    """out (b, h, p1, d) as it is (a view: what keeps out keeps no copy), with the gradient of its row bg sent to
+    `row` (b, h, 1, d) instead: row bg of out and `row` hold the same numbers, made with and without a gradient
+    through the attention weights."""
+
+    @staticmethod
+    def forward(ctx, out, row, bg):
+        ctx.bg = bg
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        bg = ctx.bg
+        grad_out = grad.clone()
+        grad_out[:, :, bg] = 0
+        return grad_out, grad[:, :, bg:bg + 1], None
 
 
 def _chunks(rows, tokens, row_bytes):
@@ -505,12 +657,11 @@ def _align_to_best_backward(grad, v, candidates, best, weight, heads, scale, can
 
 
 class RMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` (same parameters, eps and results) with a faster hand-written backward."""
+    """``nn.RMSNorm`` (same parameters, eps and results) with a faster hand-written backward that keeps the
+    output, not the input. ISTA2 calls its two halves apart (`ISTA2._normalize_qk`, `ISTA2._normalize_v`)."""
 
     def forward(self, x):
-        if self.weight is None:
-            return super().forward(x)
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return _weighted(_RMSNormFunction.apply(x, self.eps), self.weight)
 
 
 @register_notrace_module  # one leaf in torch.fx graphs made through timm (feature extraction, its fx tests)
@@ -576,28 +727,45 @@ class ISTA2(nn.Module):
         p2, h = k.shape[1], self.num_heads
         if mask is not None and b % mask.shape[0]:
             raise ValueError(f'ISTA2: batch of {b} rows is not a multiple of the {mask.shape[0]} windows in mask')
-        q, k = self._normalize_qk(q, k)
-        v = self.v_norm_layer(v)
+        q, k, k_weight = self._normalize_qk(q, k)
+        v, v_weight = self._normalize_v(v)
         alignment = self._alignment()
         if alignment != 'off':
             images = self._images_in_batch(b, real_b, mask)
             align = self._align if alignment == 'batch' else self._align_to_bank
-            v = align(v.reshape(images, -1, c)).view(b, p2, c)
+            v, remake = align(v.reshape(images, -1, c), v_weight)
+            v = v.view(b, p2, c)
+        else:
+            v, remake = _weighted(v, v_weight), None
         q = q.view(b, p1, h, -1).transpose(1, 2)  # (b, h, p1, d)
         k = k.view(b, p2, h, -1).transpose(1, 2)
         v = v.view(b, p2, h, -1).transpose(1, 2)
-        out = self._attend(q, k, v, self._logit_bias(relative_position_bias, mask))  # (b, h, p1, d)
+        if k_weight is not None:
+            k_weight = k_weight.view(h, 1, -1)  # per channel of each head
+        out = self._attend(q, k, k_weight, v, remake, self._logit_bias(relative_position_bias, mask))  # (b, h, p1, d)
         return _ContiguousGrad.apply(out).transpose(1, 2).reshape(b, p1, c)
 
     def _normalize_qk(self, q, k):
-        """q and k through their norms. With RMSNorm, q's weight moves onto k: per channel,
-        (q / rms(q) * w_q) . k_n = (q / rms(q)) . (k_n * w_q), which saves passes over q, the
-        long side in PVT. The logits, and so the results, are those of the two norms."""
+        """q and k through their norms -> q_n, k_n, weight: the logits are q_n . (k_n * weight), per channel
+        (weight None: q_n . k_n). With RMSNorm, q's weight moves onto k, (q / rms(q) * w_q) . (k / rms(k) * w_k)
+        = (q / rms(q)) . (k / rms(k) * w_q * w_k), and the product of the weights is left to the attention
+        (`_attend`), so that each norm's output is what the attention keeps for backward (no second copy)."""
+        background = (self.cls_tkn_idx, self.bg_tkn_idx) if self.rep_tkn_type == 'cls+bg' else None
         if not isinstance(self.q_norm_layer, RMSNorm):
-            return self.q_norm_layer(q), self.k_norm_layer(k)
-        weight = self.k_norm_layer.weight * self.q_norm_layer.weight
-        return (_RMSNormFunction.apply(q, None, self.q_norm_layer.eps),
-                _RMSNormFunction.apply(k, weight, self.k_norm_layer.eps))
+            q = self.q_norm_layer(q)
+            if background is not None:  # the background query as `_RMSNormFunction` makes it, in a copy of q
+                cls, bg = background
+                q = torch.cat([q[:, :bg], -q[:, cls:cls + 1].detach(), q[:, bg + 1:]], 1)
+            return q, self.k_norm_layer(k), None
+        return (_RMSNormFunction.apply(q, self.q_norm_layer.eps, background),
+                _RMSNormFunction.apply(k, self.k_norm_layer.eps), self.k_norm_layer.weight * self.q_norm_layer.weight)
+
+    def _normalize_v(self, v):
+        """v through its norm -> v_n, weight: the normalised v is v_n * weight (weight None: v_n). With RMSNorm
+        the weight is applied by the alignment, which then keeps the norm's output for backward, not a copy."""
+        if not isinstance(self.v_norm_layer, RMSNorm):
+            return self.v_norm_layer(v), None
+        return _RMSNormFunction.apply(v, self.v_norm_layer.eps), self.v_norm_layer.weight
 
     def _images_in_batch(self, b, real_b, mask):
         if real_b is None:
@@ -619,31 +787,44 @@ class ISTA2(nn.Module):
         mask = mask.unsqueeze(1)
         return mask if relative_position_bias is None else mask + relative_position_bias
 
-    def _attend(self, q, k, v, bias):
-        """softmax(q.k * qk_scale + bias) @ v: q (b, h, p1, d), k/v (b, h, p2, d) -> (b, h, p1, d).
-
-        The bias's leading dim cycles over the rows of each image (Swin windows)."""
+    def _attend(self, q, k, k_weight, v, remake, bias):
+        """softmax(q.(k * k_weight) * qk_scale + bias) @ v: q (b, h, p1, d), k/v (b, h, p2, d), k_weight (h, 1, d) or
+        None -> (b, h, p1, d). The bias's leading dim cycles over the rows of each image (Swin windows). remake:
+        how the alignment makes v again (`_align`), so that the explicit path need not keep v (`_TimesValues`),
+        or None."""
         drop = self.attn_drop_layer
-        if bias is None and self.rep_tkn_type != 'cls+bg' and (drop is None or type(drop) is nn.Dropout) \
-                and not torch.onnx.is_in_onnx_export():
+        p = drop.p if drop is not None and drop.training else 0.
+        background = self.bg_tkn_idx if self.rep_tkn_type == 'cls+bg' else None
+        if bias is None and (drop is None or type(drop) is nn.Dropout) and not _exporting_onnx() \
+                and not (background is not None and p > 0):
             # fused kernel; with a bias that needs a gradient it would be no faster than the explicit path. Not in
             # an ONNX export: the TorchScript-based exporter's scaled_dot_product_attention fails on an explicit
             # scale (torch 2.4 to 2.14: "z_(): incompatible function arguments"), and either exporter writes out
-            # the same products and softmax as the explicit path
-            p = drop.p if drop is not None and drop.training else 0.
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.qk_scale)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # batched matmul loops over strided heads
-        logits = (q @ k.transpose(-2, -1)) * self.qk_scale
-        if self.rep_tkn_type == 'cls+bg':
-            # the background query attends where the class query does not; no gradient through it
-            logits[..., self.bg_tkn_idx, :] = -logits[..., self.cls_tkn_idx, :].detach()
+            # the same products and softmax as the explicit path. Not for a background query under dropout, whose
+            # dropped weights the kernel does not tell
+            out = F.scaled_dot_product_attention(q, _weighted(k, k_weight), v, dropout_p=p, scale=self.qk_scale)
+            if background is not None:
+                with torch.no_grad():
+                    weights = _logits(q[:, :, background:background + 1], k, k_weight, self.qk_scale).softmax(-1)
+        else:
+            attn = self._weights(_logits(q, k, k_weight, self.qk_scale), bias)
+            out = attn @ v if _tracing() else _TimesValues.apply(attn, v, *(remake or ()))
+            if background is not None:
+                weights = attn[:, :, background:background + 1].detach()
+        if background is not None:
+            # the background query (row bg of q, minus the class query: `_RMSNormFunction`) attends with no gradient
+            # through its logits: its row's gradient reaches v alone, through the same weights as constants
+            out = _BackgroundRow.apply(out, weights.to(v.dtype) @ v, background)
+        return out
+
+    def _weights(self, logits, bias):
+        """The attention weights of logits (b, h, p1, p2) with the bias added (its leading dim cycling over the
+        rows of each image), through softmax and the attention dropout."""
         if bias is not None:
             windows = bias.shape[0] if bias.dim() == 4 else 1
             logits = (logits.unflatten(0, (-1, windows)) + bias).flatten(0, 1)
         attn = logits.softmax(-1)
-        if drop is not None:
-            attn = drop(attn)
-        return attn @ v
+        return attn if self.attn_drop_layer is None else self.attn_drop_layer(attn)
 
     def _representatives(self, v):
         """v (m, T, c), the T tokens of each of m images -> their representatives (m, J, c)."""
@@ -663,15 +844,17 @@ class ISTA2(nn.Module):
         self.random_tkn_idxs = order[:math.ceil(count * self.rep_tkn_ratio)].sort().values
         return v[:, self.random_tkn_idxs]
 
-    def _align(self, v):
-        """v (m, T, c): T tokens of each of m images -> v' = w_self * v + sum_top-k w_r * r, same shape.
+    def _align(self, v, weight=None):
+        """v (m, T, c): T tokens of each of m images, to be scaled by the v norm's weight (c,) or None -> v' =
+        w_self * v + sum_top-k w_r * r, same shape, v meaning the scaled one; and how to make v' again without
+        keeping it (`_TimesValues`'s inputs after v'), or None.
 
         Candidates r are the representatives of the other images in the pool (the local
         batch, or every rank's batch with across_gpus); w = softmax over the scaled dot
         products [v.v, v.r for the k best r], per head.
         """
         m, tokens, c = v.shape
-        reps = self._representatives(v)
+        reps = _weighted(self._representatives(v), weight)
         offset, gathered = 0, False
         if self.across_gpus and _distributed():
             offset = dist.get_rank() * m
@@ -681,7 +864,7 @@ class ISTA2(nn.Module):
         n, reps_per_image = reps.shape[0], reps.shape[1]
         others = n - 1 if self.bs_ratio is None else math.ceil((n - 1) * self.bs_ratio)
         if others == 0:
-            return v
+            return _weighted(v, weight), None
         # not min(): under torch 2.4's compile, min(1, batch - 1) pins the batch size to 2 when it is 2
         pooled = others * reps_per_image
         topk = self.attn_inter_topk if pooled >= self.attn_inter_topk else pooled
@@ -692,7 +875,7 @@ class ISTA2(nn.Module):
         allowed = torch.ones(m, others + 1, reps_per_image, dtype=torch.bool, device=v.device)
         allowed[torch.arange(m, device=v.device), barred] = False
         allowed = allowed.flatten(1)  # (m, (others+1)*J)
-        return self._mix(v, candidates, allowed, topk)
+        return self._mix(v, weight, candidates, allowed, topk)
 
     @torch.no_grad()
     def _update_bank(self, reps, gathered):
@@ -708,17 +891,17 @@ class ISTA2(nn.Module):
         self.bank.index_copy_(0, index, rows.to(self.bank.dtype))
         self.bank_count += total  # representative rows queued so far
 
-    def _align_to_bank(self, v):
-        """v (m, T, c) aligned as in `_align`, with every image's candidates the bank's rows: no image sees
-        another, so each output is that of the image alone. An empty bank aligns nothing (with a warning).
-        Under a tracer, which cannot read the count (torch.compile without a graph break, an export at all): the
-        whole bank with its unfilled rows barred, the same when it holds top-k rows or more (a trained or rebuilt
-        bank is full), asserted on the device."""
+    def _align_to_bank(self, v, weight=None):
+        """v (m, T, c) and the v norm's weight aligned as in `_align` (the same two results), with every image's
+        candidates the bank's rows: no image sees another, so each output is that of the image alone. An empty bank
+        aligns nothing (with a warning). Under a tracer, which cannot read the count (torch.compile without a graph
+        break, an export at all): the whole bank with its unfilled rows barred, the same when it holds top-k rows or
+        more (a trained or rebuilt bank is full), asserted on the device."""
         if _tracing():
             topk = min(self.attn_inter_topk, self.bank_size)
             torch._assert_async(self.bank_count >= topk, 'ISTA2: fewer rows in the bank than attn_inter_topk')
             allowed = (torch.arange(self.bank_size, device=v.device) < self.bank_count).expand(v.shape[0], -1)
-            return self._mix(v, self.bank.to(v.dtype), allowed, topk)
+            return self._mix(v, weight, self.bank.to(v.dtype), allowed, topk)
         filled = min(int(self.bank_count), self.bank_size)
         if filled == 0:
             if not self._warned_empty_bank:
@@ -726,23 +909,25 @@ class ISTA2(nn.Module):
                               "evaluates without alignment; rebuild it with the trainer's bank command "
                               '(docs/method.md)', stacklevel=2)
                 self._warned_empty_bank = True
-            return v
+            return _weighted(v, weight), None
         candidates = self.bank[:filled].to(v.dtype)
         allowed = torch.ones(v.shape[0], filled, dtype=torch.bool, device=v.device)
-        return self._mix(v, candidates, allowed, min(self.attn_inter_topk, filled))
+        return self._mix(v, weight, candidates, allowed, min(self.attn_inter_topk, filled))
 
-    def _mix(self, v, candidates, allowed, topk):
-        """v (m, T, c), candidates (n, c), allowed (m, n) -> v' (m, T, c): per head, each token mixed with its
-        `topk` best allowed candidates by the softmax of the scaled scores, itself included."""
+    def _mix(self, v, weight, candidates, allowed, topk):
+        """v (m, T, c) to be scaled by weight (c,) or None, candidates (n, c), allowed (m, n) -> v' (m, T, c): per
+        head, each (scaled) token mixed with its `topk` best allowed candidates by the softmax of the scaled
+        scores, itself included; and for top-1, what makes v' again (`_TimesValues`), else None."""
         m, tokens, c = v.shape
         h, d = self.num_heads, c // self.num_heads
-        if topk == 1 and not torch.onnx.is_in_onnx_export():
+        if topk == 1 and not _exporting_onnx():
             # (an ONNX export records the code below with k = 1, the same softmax of [s v.v, s v.r*]: the
             # TorchScript-based exporter loses _AlignToBest's writes into its preallocated outputs)
-            out, best = _AlignToBest.apply(v, candidates, allowed, h, self.v_scale)
+            out, best, mix_weight = _AlignToBest.apply(v, weight, candidates, allowed, h, self.v_scale)
             if self.keep_winners:
                 self.winners = best.long().unsqueeze(-1)
-            return out
+            return out, (v, weight, candidates, best, mix_weight)
+        v = _weighted(v, weight)
 
         # which candidates win carries no gradient; their scores do, below
         best = _top_candidates(_rows(v.detach()), candidates.detach(), allowed, h, topk).view(m, tokens, h, topk)
@@ -751,12 +936,15 @@ class ISTA2(nn.Module):
         v_heads, candidates = v.view(m, tokens, h, d), candidates.view(-1, h, d)
         head_start = torch.arange(h, device=v.device).view(h, 1) * candidates.shape[0]
         chosen = F.embedding(best + head_start, candidates.transpose(0, 1).flatten(0, 1))  # (m, T, h, k, d)
-        # products summed rather than torch.linalg.vecdot, which the TorchScript-based ONNX exporter lacks
-        logits = torch.cat([v_heads.square().sum(-1, keepdim=True), (v_heads.unsqueeze(-2) * chosen).sum(-1)],
-                           -1) * self.v_scale
+        # in an ONNX export products summed: the TorchScript-based exporter lacks torch.linalg.vecdot (which keeps
+        # no (m, T, h, k, d) product)
+        scores = (v_heads.unsqueeze(-2) * chosen).sum(-1) if _exporting_onnx() else \
+            torch.linalg.vecdot(v_heads.unsqueeze(-2), chosen)
+        logits = torch.cat([v_heads.square().sum(-1, keepdim=True), scores], -1) * self.v_scale
         # softmax in fp32 at least, also under autocast
         weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
-        return torch.addcmul((weights[..., 1:, None] * chosen).sum(-2), weights[..., :1], v_heads).view(m, tokens, c)
+        mixed = torch.addcmul((weights[..., 1:, None] * chosen).sum(-2), weights[..., :1], v_heads)
+        return mixed.view(m, tokens, c), None
 
 
 def bank_layers(model):

@@ -51,8 +51,8 @@ def _dot_fp32(dtype):
 # --------------------------------------------------------------------------------------------- RMSNorm
 
 @triton.jit
-def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, inv_ptr, rows, c, x_stride, eps,
-                             HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _rms_norm_forward_kernel(x_ptr, y_ptr, inv_ptr, rows, c, x_stride, eps,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     row_ok, col_ok = r < rows, cols < c
@@ -60,69 +60,45 @@ def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, inv_ptr, rows, c, x_stride, ep
     r = r.to(tl.int64)
     x = tl.load(x_ptr + r[:, None] * x_stride + cols[None, :], mask=ok, other=0.).to(tl.float32)
     inv = 1. / tl.sqrt(tl.sum(x * x, 1) / c + eps)
-    y = x * inv[:, None]
-    if HAS_W:
-        y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.).to(tl.float32)[None, :]
-    tl.store(y_ptr + r[:, None] * c + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_ptr + r[:, None] * c + cols[None, :], (x * inv[:, None]).to(y_ptr.dtype.element_ty), mask=ok)
     tl.store(inv_ptr + r, inv, mask=row_ok)
 
 
 @triton.jit
-def _rms_norm_backward_kernel(g_ptr, x_ptr, w_ptr, inv_ptr, gx_ptr, gw_ptr, rows, c, g_stride, x_stride,
-                              tiles_per_program, HAS_W: tl.constexpr, W_GRAD: tl.constexpr,
+def _rms_norm_backward_kernel(g_ptr, y_ptr, inv_ptr, gx_ptr, rows, c, g_stride, y_stride,
                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """grad_x = inv (g w) - x inv^3 / c sum(g w x); partial grad_w (per program) = sum_rows g x inv."""
-    pid = tl.program_id(0)
+    """From the output: grad_x = inv (g - y mean(g y)) per row."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < c
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.).to(tl.float32)
-    w_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in range(tiles_per_program):
-        r = (pid * tiles_per_program + i) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = r < rows
-        ok = row_ok[:, None] & col_ok[None, :]
-        r = r.to(tl.int64)
-        g = tl.load(g_ptr + r[:, None] * g_stride + cols[None, :], mask=ok, other=0.).to(tl.float32)
-        x = tl.load(x_ptr + r[:, None] * x_stride + cols[None, :], mask=ok, other=0.).to(tl.float32)
-        inv = tl.load(inv_ptr + r, mask=row_ok, other=0.)
-        gw = g * w[None, :] if HAS_W else g
-        coef = tl.sum(gw * x, 1) * inv * inv * inv / c
-        gx = gw * inv[:, None] - x * coef[:, None]
-        tl.store(gx_ptr + r[:, None] * c + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=ok)
-        if W_GRAD:
-            w_sum += tl.sum(g * x * inv[:, None], 0)
-    if W_GRAD:
-        tl.store(gw_ptr + pid * c + cols, w_sum, mask=col_ok)
+    row_ok, col_ok = r < rows, cols < c
+    ok = row_ok[:, None] & col_ok[None, :]
+    r = r.to(tl.int64)
+    g = tl.load(g_ptr + r[:, None] * g_stride + cols[None, :], mask=ok, other=0.).to(tl.float32)
+    y = tl.load(y_ptr + r[:, None] * y_stride + cols[None, :], mask=ok, other=0.).to(tl.float32)
+    inv = tl.load(inv_ptr + r, mask=row_ok, other=0.)
+    gx = (g - y * (tl.sum(g * y, 1) / c)[:, None]) * inv[:, None]
+    tl.store(gx_ptr + r[:, None] * c + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=ok)
 
 
-def rms_norm_forward(x, weight, eps):
+def rms_norm_forward(x, eps):
     """x (rows, c) -> y (rows, c) in x's dtype, inv_rms (rows,) float32."""
     rows, c = x.shape
     y = torch.empty(rows, c, dtype=x.dtype, device=x.device)
     inv_rms = torch.empty(rows, dtype=torch.float32, device=x.device)
     block_r, block_c = _row_tile(c)
-    w = weight.contiguous() if weight is not None else x  # x: an unused placeholder pointer
     _rms_norm_forward_kernel[(triton.cdiv(rows, block_r),)](
-        x, w, y, inv_rms, rows, c, x.stride(0), float(eps),
-        HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_C=block_c)
+        x, y, inv_rms, rows, c, x.stride(0), float(eps), BLOCK_R=block_r, BLOCK_C=block_c)
     return y, inv_rms
 
 
-def rms_norm_backward(grad, x, weight, inv_rms, weight_grad):
-    """grad, x (rows, c); inv_rms (rows,) float32 -> grad_x (rows, c) in x's dtype, grad_weight or None."""
-    rows, c = x.shape
-    grad_x = torch.empty(rows, c, dtype=x.dtype, device=x.device)
+def rms_norm_backward(grad, y, inv_rms):
+    """grad, y (rows, c): the forward's output; inv_rms (rows,) float32 -> grad_x (rows, c) in y's dtype."""
+    rows, c = y.shape
+    grad_x = torch.empty(rows, c, dtype=y.dtype, device=y.device)
     block_r, block_c = _row_tile(c)
-    tiles = triton.cdiv(rows, block_r)
-    per_program = triton.cdiv(tiles, _programs_wanted(x.device)) if weight_grad else 1
-    programs = triton.cdiv(tiles, per_program)
-    partial = torch.empty(programs if weight_grad else 0, c, dtype=torch.float32, device=x.device)
-    w = weight.contiguous() if weight is not None else x
-    _rms_norm_backward_kernel[(programs,)](
-        grad, x, w, inv_rms, grad_x, partial if weight_grad else x, rows, c, grad.stride(0), x.stride(0),
-        per_program, HAS_W=weight is not None, W_GRAD=weight_grad, BLOCK_R=block_r, BLOCK_C=block_c)
-    return grad_x, partial.sum(0).to(weight.dtype) if weight_grad else None
+    _rms_norm_backward_kernel[(triton.cdiv(rows, block_r),)](
+        grad, y, inv_rms, grad_x, rows, c, grad.stride(0), y.stride(0), BLOCK_R=block_r, BLOCK_C=block_c)
+    return grad_x
 
 
 # ----------------------------------------------------------------------------------- top-1 alignment

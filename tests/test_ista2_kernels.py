@@ -23,7 +23,8 @@ def test_fused_rmsnorm_on_strided_rows_matches_the_torch_path(monkeypatch):
         monkeypatch.setattr(ista2, 'CPU_KERNELS', fused)
         for w in (None, weight.clone().requires_grad_()):
             x = qkv.clone().requires_grad_()
-            y = _RMSNormFunction.apply(x[:, :, 1], w, None)  # rows 24 values apart, as q/k/v from one Linear
+            # rows 24 values apart, as q/k/v from one Linear; the weight applied as ISTA2 applies it
+            y = ista2._scaled(_RMSNormFunction.apply(x[:, :, 1], None), w)
             results.append((y, *torch.autograd.grad(y, [x] + ([w] if w is not None else []), grad)))
     for fused, unfused in zip(results[:2], results[2:], strict=True):
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fused, unfused, strict=True))

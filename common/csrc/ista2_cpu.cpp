@@ -31,9 +31,9 @@ struct ThreadSums {
   std::vector<double> data;
 };
 
-// y = x * inv_rms [* w] per row; x (rows, c) with any row stride.
+// y = x * inv_rms per row, inv_rms = 1 / sqrt(mean(x^2) + eps); x (rows, c) with any row stride.
 template <typename T>
-void rms_norm_forward_kernel(const at::Tensor& x, const T* w, double eps, at::Tensor& y, at::Tensor& inv_rms) {
+void rms_norm_forward_kernel(const at::Tensor& x, double eps, at::Tensor& y, at::Tensor& inv_rms) {
   const int64_t rows = x.size(0), c = x.size(1), stride = x.stride(0);
   const T* xs = x.data_ptr<T>();
   T* ys = y.data_ptr<T>();
@@ -47,82 +47,52 @@ void rms_norm_forward_kernel(const at::Tensor& x, const T* w, double eps, at::Te
       for (int64_t i = 0; i < c; ++i) square_sum += xr[i] * xr[i];
       const T scale = T(1) / std::sqrt(square_sum / T(c) + T(eps));
       inv[r] = scale;
-      if (w) {
 #pragma omp simd
-        for (int64_t i = 0; i < c; ++i) yr[i] = xr[i] * scale * w[i];
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < c; ++i) yr[i] = xr[i] * scale;
-      }
+      for (int64_t i = 0; i < c; ++i) yr[i] = xr[i] * scale;
     }
   });
 }
 
-// grad_x = inv * (g*w) - x * inv^3 / c * sum(g*w*x); grad_w = sum over rows of g * x * inv.
+// From the output: grad_x = inv * (g - y * mean(g * y)) per row; y (rows, c) with any row stride.
 template <typename T>
-void rms_norm_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const T* w, const at::Tensor& inv_rms,
-                              at::Tensor& grad_x, double* grad_w) {
-  const int64_t rows = x.size(0), c = x.size(1), x_stride = x.stride(0), g_stride = grad.stride(0);
-  const T* xs = x.data_ptr<T>();
+void rms_norm_backward_kernel(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& inv_rms,
+                              at::Tensor& grad_x) {
+  const int64_t rows = y.size(0), c = y.size(1), y_stride = y.stride(0), g_stride = grad.stride(0);
+  const T* ys = y.data_ptr<T>();
   const T* gs = grad.data_ptr<T>();
   const T* inv = inv_rms.data_ptr<T>();
   T* out = grad_x.data_ptr<T>();
-  ThreadSums weight_sums(grad_w ? c : 0);
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    double* wsum = grad_w ? weight_sums.mine() : nullptr;
     for (int64_t r = begin; r < end; ++r) {
-      const T* xr = xs + r * x_stride;
+      const T* yr = ys + r * y_stride;
       const T* gr = gs + r * g_stride;
       T* orow = out + r * c;
-      const T scale = inv[r];
       T dot = 0;
-      if (w) {
 #pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < c; ++i) dot += gr[i] * w[i] * xr[i];
-      } else {
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < c; ++i) dot += gr[i] * xr[i];
-      }
-      const T coef = dot * scale * scale * scale / T(c);
-      if (w) {
+      for (int64_t i = 0; i < c; ++i) dot += gr[i] * yr[i];
+      const T scale = inv[r], mean = dot / T(c);
 #pragma omp simd
-        for (int64_t i = 0; i < c; ++i) orow[i] = gr[i] * w[i] * scale - xr[i] * coef;
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < c; ++i) orow[i] = gr[i] * scale - xr[i] * coef;
-      }
-      if (wsum) {
-        for (int64_t i = 0; i < c; ++i) wsum[i] += double(gr[i] * xr[i] * scale);
-      }
+      for (int64_t i = 0; i < c; ++i) orow[i] = scale * (gr[i] - yr[i] * mean);
     }
   });
-  if (grad_w) weight_sums.add_to(grad_w);
 }
 
-std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight, double eps) {
+std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, double eps) {
   check_rows(x, "x");
   auto y = at::empty({x.size(0), x.size(1)}, x.options());
   auto inv_rms = at::empty({x.size(0)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_norm_forward", [&] {
-    const at::Tensor w = weight ? weight->contiguous().to(x.scalar_type()) : at::Tensor();
-    rms_norm_forward_kernel<scalar_t>(x, weight ? w.data_ptr<scalar_t>() : nullptr, eps, y, inv_rms);
-  });
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_norm_forward",
+                             [&] { rms_norm_forward_kernel<scalar_t>(x, eps, y, inv_rms); });
   return {y, inv_rms};
 }
 
-std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
-                                          const c10::optional<at::Tensor>& weight, const at::Tensor& inv_rms,
-                                          bool weight_grad) {
-  check_rows(x, "x");
+at::Tensor rms_norm_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& inv_rms) {
+  check_rows(y, "y");
   check_rows(grad, "grad");
-  auto grad_x = at::empty({x.size(0), x.size(1)}, x.options());
-  auto grad_w = at::zeros({weight_grad ? x.size(1) : 0}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_norm_backward", [&] {
-    const at::Tensor w = weight ? weight->contiguous().to(x.scalar_type()) : at::Tensor();
-    rms_norm_backward_kernel<scalar_t>(grad, x, weight ? w.data_ptr<scalar_t>() : nullptr,
-                                       inv_rms.contiguous(), grad_x, weight_grad ? grad_w.data_ptr<double>() : nullptr);
-  });
-  return {grad_x, grad_w.to(x.scalar_type())};
+  auto grad_x = at::empty({y.size(0), y.size(1)}, y.options());
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rms_norm_backward",
+                             [&] { rms_norm_backward_kernel<scalar_t>(grad, y, inv_rms.contiguous(), grad_x); });
+  return grad_x;
 }
 
 // Per token and head: r* = the allowed candidate with the largest v.r, w = sigmoid(scale (v.r* - v.v)),
@@ -248,8 +218,8 @@ std::vector<at::Tensor> align_backward(const at::Tensor& grad, const at::Tensor&
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm_forward", &rms_norm_forward, "x (rows, c), weight (c) or None, eps -> y, inv_rms (rows)");
-  m.def("rms_norm_backward", &rms_norm_backward, "grad, x, weight, inv_rms, weight_grad -> grad_x, grad_weight");
+  m.def("rms_norm_forward", &rms_norm_forward, "x (rows, c), eps -> y, inv_rms (rows)");
+  m.def("rms_norm_backward", &rms_norm_backward, "grad, y, inv_rms -> grad_x");
   m.def("align_forward", &align_forward, "v (m, T, c), candidates (n, c), allowed (m, n), heads, scale -> out, best, weight");
   m.def("align_backward", &align_backward, "grad, v, candidates, best, weight, heads, scale, candidates_grad -> grad_v, grad_candidates");
 }
