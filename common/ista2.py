@@ -456,8 +456,9 @@ class _AlignToBest(torch.autograd.Function):
             v = _rows(v)
             out, best, weight = _align_to_best(v, candidates, allowed, heads, scale)
         ctx.save_for_backward(v_hat, norm_weight, candidates, best, weight)
+        best, weight = best.view(shape[:-1] + (heads,)), weight.view(shape[:-1] + (heads,))
         ctx.mark_non_differentiable(best, weight)
-        return out.view(shape), best.view(shape[:-1] + (heads,)), weight.view(shape[:-1] + (heads,))
+        return out.view(shape), best, weight
 
     @staticmethod
     def backward(ctx, grad, _, __):
