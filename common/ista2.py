@@ -522,8 +522,8 @@ def _aligned_values(v_hat, norm_weight, candidates, best, mix_weight):
     heads = best.shape[-1]
     v = _scaled(v_hat, norm_weight).unflatten(-1, (heads, -1))
     opmath = torch.promote_types(v.dtype, torch.float32)
-    first_row = torch.arange(heads, device=v.device) * candidates.shape[0]
-    chosen = F.embedding(best.long() + first_row, _candidate_rows(candidates.to(v.dtype), heads))  # (m, T, h, d)
+    table, first_row = _candidate_rows(candidates.to(v.dtype), heads)
+    chosen = F.embedding(best.long() + first_row, table)  # (m, T, h, d)
     mixed = (chosen.to(opmath) - v).mul_(mix_weight.unsqueeze(-1)).add_(v)
     return mixed.to(v.dtype).flatten(-2)
 
@@ -590,9 +590,11 @@ def _top_candidates(v, candidates, allowed, heads, k):
 
 
 def _candidate_rows(candidates, heads):
-    """candidates (n, c) -> (h*n, d), head-major: row i*n + j is head i of candidate j."""
+    """candidates (n, c) -> table (h*n, d), head-major: row i*n + j is head i of candidate j; and first_row (h,),
+    each head's first row, so that winners (..., h) + first_row are the winners' rows of the table."""
     n, c = candidates.shape
-    return candidates.view(n, heads, c // heads).transpose(0, 1).reshape(heads * n, c // heads)
+    table = candidates.view(n, heads, c // heads).transpose(0, 1).reshape(heads * n, c // heads)
+    return table, torch.arange(heads, device=candidates.device) * n
 
 
 def _align_to_best(v, candidates, allowed, heads, scale):
@@ -604,8 +606,7 @@ def _align_to_best(v, candidates, allowed, heads, scale):
     tokens = rows // allowed.shape[0]
     opmath = torch.promote_types(v.dtype, torch.float32)
     half = v.element_size() < 4  # half precision: the winner's score again, and the mix, in float32
-    table = _candidate_rows(candidates, heads)
-    first_row = torch.arange(heads, device=v.device) * n  # of each head in `table`
+    table, first_row = _candidate_rows(candidates, heads)
     out = torch.empty(rows, c, dtype=v.dtype, device=v.device)
     best = torch.empty(rows, heads, dtype=torch.long, device=v.device)
     weight = torch.empty(rows, heads, dtype=opmath, device=v.device)
@@ -633,8 +634,7 @@ def _align_to_best_backward(grad, v, candidates, best, weight, heads, scale, can
     rows, c = v.shape
     n, d = candidates.shape[0], c // heads
     opmath = weight.dtype
-    table = _candidate_rows(candidates, heads)
-    first_row = torch.arange(heads, device=v.device) * n
+    table, first_row = _candidate_rows(candidates, heads)
     grad_v = torch.empty(rows, c, dtype=v.dtype, device=v.device)
     grad_rows = torch.zeros(heads * n, d, dtype=opmath, device=v.device) if candidates_grad else None
     for start, stop in _chunks(rows, 1, 4 * c * max(v.element_size(), 4)):
