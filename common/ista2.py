@@ -6,6 +6,10 @@ most similar to (top-k by scaled dot product). See docs/method.md for the formul
 
 Shapes: ``b`` rows (images, or Swin windows), ``h`` heads of width ``d``, ``c = h*d``;
 ``p1`` query tokens, ``p2`` key/value tokens per row.
+
+torch.jit.script compiles the torch code path: the autograd Functions, kernels and process-group calls sit under
+``if not torch.jit.is_scripting()`` (a branch TorchScript drops), and options that are None are tested with
+``is None``, which TorchScript decides while compiling (docs/design.md).
 """
 import contextlib
 import fcntl
@@ -109,15 +113,23 @@ def _environment_ninja():
 def _exporting_onnx():
     """Whether an ONNX exporter records this call (within `_tracing`): ISTA2 then also avoids the ops that either
     exporter writes wrongly (`ISTA2._attend`, `ISTA2._mix`)."""
-    return torch.onnx.is_in_onnx_export()
+    if torch.jit.is_scripting():
+        return False
+    else:
+        return torch.onnx.is_in_onnx_export()
 
 
 def _tracing():
     """Whether a tracer records this call rather than running it: torch.compile, torch.export (and so the ONNX
     exporter of torch 2.5 and later, built on it), torch.jit.trace, or the TorchScript-based ONNX exporter (torch
     2.4's default). A tracer sees neither the fused kernels (opaque calls) nor a number read on the host (it would
-    become a constant), so ISTA2 then runs its torch code path, unchunked, and reads the bank's fill on the device."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _exporting_onnx()
+    become a constant), so ISTA2 then runs its torch code path, unchunked, and reads the bank's fill on the device.
+    TorchScript (torch.jit.script) counts as one: it compiles that code path, for every shape, without the autograd
+    Functions (each call site says what it runs instead)."""
+    if torch.jit.is_scripting():
+        return True
+    else:
+        return torch.compiler.is_compiling() or torch.jit.is_tracing() or _exporting_onnx()
 
 
 def _cpu_kernels(x):
@@ -319,7 +331,7 @@ def _rms_norm_backward(grad, y, inv_rms):
     return (grad - y * mean).mul_(inv_rms)
 
 
-def _scaled(x, weight):
+def _scaled(x, weight: torch.Tensor | None):
     """x (..., c) times a norm's weight (c, or broadcastable) in x's dtype (under autocast, the dtype the norm
     ran in), or x. Without autograd of its own: see `_weighted`."""
     return x if weight is None else x * weight.to(x.dtype)
@@ -349,11 +361,14 @@ class _WeightProduct(torch.autograd.Function):
         return _scaled(grad, weight), grad_weight
 
 
-def _weighted(x, weight):
+def _weighted(x, weight: torch.Tensor | None):
     """x times a norm's weight as autograd sees it (`_WeightProduct`; plain torch under a tracer), or x."""
     if weight is None:
         return x
-    return _scaled(x, weight) if _tracing() else _WeightProduct.apply(x, weight)
+    if not torch.jit.is_scripting():
+        if not _tracing():
+            return _WeightProduct.apply(x, weight)
+    return _scaled(x, weight)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -406,11 +421,12 @@ class _Logits(torch.autograd.Function):
         return grad_q, grad_k, grad_weight, None
 
 
-def _logits(q, k, weight, scale):
+def _logits(q, k, weight: torch.Tensor | None, scale: float):
     """`_Logits`, or under a tracer (`_tracing`) the same products in plain torch."""
-    if _tracing():
-        return torch.matmul(q, _scaled(k, weight).transpose(-2, -1)) * scale
-    return _Logits.apply(q, k, weight, scale)
+    if not torch.jit.is_scripting():
+        if not _tracing():
+            return _Logits.apply(q, k, weight, scale)
+    return torch.matmul(q, _scaled(k, weight).transpose(-2, -1)) * scale
 
 
 class _AlignToBest(torch.autograd.Function):
@@ -485,6 +501,11 @@ class _AlignToBest(torch.autograd.Function):
         return grad_v, grad_weight, grad_candidates if candidates_grad else None, None, None, None
 
 
+# what `_TimesValues` takes to make an aligned v again: v_hat, the norm weight, the candidates, the winners, the mix
+# weights (`_AlignToBest`)
+_Remake = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class _TimesValues(torch.autograd.Function):
     """attn @ v, attn (b, h, p1, p2), v (b, h, p2, d) a view of token-major values (m, T, c) (m T = b p2), keeping v
     as it is (torch.matmul would keep a copy of the heads). With `remake`, v is `_AlignToBest`'s output and remake
@@ -546,21 +567,51 @@ class _BackgroundRow(torch.autograd.Function):
         return grad_out, grad[:, :, bg:bg + 1], None
 
 
-def _chunks(rows, tokens, row_bytes):
+def _times_values(attn, v, remake: _Remake | None):
+    """attn @ v through `_TimesValues` (plain torch under a tracer)."""
+    if not torch.jit.is_scripting():
+        if not _tracing():
+            return _TimesValues.apply(attn, v, *(remake or ()))
+    return attn @ v
+
+
+def _with_background_row(out, weights, v, bg: int):
+    """out (b, h, p1, d) with its row bg made again from the background query's attention weights (b, h, 1, p2),
+    taken as constants: that row's gradient reaches v alone (`_BackgroundRow`)."""
+    row = weights.to(v.dtype) @ v
+    if torch.jit.is_scripting():
+        return torch.cat([out[:, :, :bg], row, out[:, :, bg + 1:]], 2)
+    else:
+        return _BackgroundRow.apply(out, row, bg)
+
+
+def _logit_bias(relative_position_bias: torch.Tensor | None, mask: torch.Tensor | None):
+    """Additive q.k logit bias of shape (nW or 1, h or 1, p1, p2), or None."""
+    if mask is None:
+        return relative_position_bias
+    mask = mask.unsqueeze(1)
+    return mask if relative_position_bias is None else mask + relative_position_bias
+
+
+def _chunks(rows: int, tokens: int, row_bytes: int):
     """Split rows = images x tokens (image-major) into (start, stop) pieces of at most CHUNK_BYTES
     (row_bytes per row; one row at least), each either whole images or part of one image. Under a tracer one
     piece: its bounds would make every batch size a graph of its own (or fix a trace's batch size)."""
-    if _tracing():
-        return [(0, rows)]
-    per_chunk = max(1, CHUNK_BYTES // row_bytes)
-    if per_chunk >= tokens:
-        step = per_chunk // tokens * tokens
-        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
-    return [(image + start, image + min(start + per_chunk, tokens))
-            for image in range(0, rows, tokens) for start in range(0, tokens, per_chunk)]
+    if not torch.jit.is_scripting():
+        if not _tracing():
+            per_chunk = max(1, CHUNK_BYTES // row_bytes)
+            if per_chunk >= tokens:
+                step = per_chunk // tokens * tokens
+                return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+            pieces = []  # a loop: TorchScript cannot parse a comprehension over two ranges
+            for image in range(0, rows, tokens):
+                pieces += [(image + start, image + min(start + per_chunk, tokens))
+                           for start in range(0, tokens, per_chunk)]
+            return pieces
+    return [(0, rows)]
 
 
-def _masked_scores(v, candidates, allowed, heads, start, stop, tokens):
+def _masked_scores(v, candidates, allowed, heads: int, start: int, stop: int, tokens: int):
     """v (rows, c), candidates (n, c) -> per head, v[start:stop] . candidates, (h, stop - start, n), with
     the candidates the token's image may not use (allowed (m, n) False) at -inf. One batched product
     over the heads, each head's d channels against the same head of every candidate."""
@@ -576,7 +627,7 @@ def _masked_scores(v, candidates, allowed, heads, start, stop, tokens):
     return scores.view(heads, last - first, tokens, n).masked_fill_(barred[:, None], float('-inf')).view_as(scores)
 
 
-def _top_candidates(v, candidates, allowed, heads, k):
+def _top_candidates(v, candidates, allowed, heads: int, k: int):
     """v (rows, c) -> (rows, h, k): per head, the indices of each token's k best allowed candidates. No
     gradient; the scores are computed chunk by chunk (`_chunks`) and none is kept."""
     rows, n = v.shape[0], candidates.shape[0]
@@ -589,7 +640,7 @@ def _top_candidates(v, candidates, allowed, heads, k):
     return best
 
 
-def _candidate_rows(candidates, heads):
+def _candidate_rows(candidates, heads: int):
     """candidates (n, c) -> table (h*n, d), head-major: row i*n + j is head i of candidate j; and first_row (h,),
     each head's first row, so that winners (..., h) + first_row are the winners' rows of the table."""
     n, c = candidates.shape
@@ -662,7 +713,10 @@ class RMSNorm(nn.RMSNorm):
     output, not the input. ISTA2 calls its two halves apart (`ISTA2._normalize_qk`, `ISTA2._normalize_v`)."""
 
     def forward(self, x):
-        return _weighted(_RMSNormFunction.apply(x, self.eps), self.weight)
+        if torch.jit.is_scripting():
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        else:
+            return _weighted(_RMSNormFunction.apply(x, self.eps), self.weight)
 
 
 @register_notrace_module  # one leaf in torch.fx graphs made through timm (feature extraction, its fx tests)
@@ -676,6 +730,9 @@ class ISTA2(nn.Module):
     ``common.ista2_options.OPTIONS`` (qk_norm, ista2_method, rep_tkn_type, ...), checked
     there and each kept as an attribute of the same name.
     """
+    # for TorchScript, attributes that hold None at first
+    random_tkn_idxs: torch.Tensor | None
+    winners: torch.Tensor | None
 
     def __init__(self, dim, num_heads=8, qk_scale=1., v_scale=1., attn_drop_layer=None, is_swin=False, **options):
         super().__init__()
@@ -705,6 +762,14 @@ class ISTA2(nn.Module):
             self.register_buffer('bank', torch.zeros(self.bank_size, dim))
             self.register_buffer('bank_count', torch.zeros((), dtype=torch.long))
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this before it compiles the module: what a TorchScript module cannot do is said
+        here. It runs the torch code path, and aligns within the batch it is given (no process group)."""
+        if self.across_gpus:
+            warnings.warn('ISTA2: across_gpus=True has no effect in a TorchScript module: it aligns each image '
+                          'with the other images of its own batch only', stacklevel=2)
+        return self
+
     def extra_repr(self):
         bank = f', bank_size={self.bank_size}' if self.eval_align == 'bank' else ''
         return (f'dim={self.dim}, num_heads={self.num_heads}, ista2_method={self.ista2_method!r}, '
@@ -717,7 +782,8 @@ class ISTA2(nn.Module):
             return 'off'
         return 'batch' if self.training or self.collecting_bank else self.eval_align
 
-    def forward(self, q, k, v, real_b=None, relative_position_bias=None, mask=None):
+    def forward(self, q, k, v, real_b: int | None = None, relative_position_bias: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None):
         """q (b, p1, c), k/v (b, p2, c) -> (b, p1, c).
 
         real_b: images in the batch when each image spans b/real_b rows (Swin windows);
@@ -731,94 +797,104 @@ class ISTA2(nn.Module):
         q, k, k_weight = self._normalize_qk(q, k)
         v, v_weight = self._normalize_v(v)
         alignment = self._alignment()
-        if alignment != 'off':
-            images = self._images_in_batch(b, real_b, mask)
-            align = self._align if alignment == 'batch' else self._align_to_bank
-            v, remake = align(v.reshape(images, -1, c), v_weight)
-            v = v.view(b, p2, c)
+        remake = None
+        if alignment == 'off':
+            v = _weighted(v, v_weight)
         else:
-            v, remake = _weighted(v, v_weight), None
+            v = v.reshape(self._images_in_batch(b, real_b, mask), -1, c)
+            if alignment == 'batch':
+                v, remake = self._align(v, v_weight)
+            elif hasattr(self, 'bank'):  # 'bank' (TorchScript compiles the call for a layer with a bank alone)
+                v, remake = self._align_to_bank(v, v_weight)
+            else:
+                raise ValueError("ISTA2: eval_align='bank' needs a layer built with it (it has no bank); build "
+                                 "the layer with eval_align='bank'")
+            v = v.view(b, p2, c)
         q = q.view(b, p1, h, -1).transpose(1, 2)  # (b, h, p1, d)
         k = k.view(b, p2, h, -1).transpose(1, 2)
         v = v.view(b, p2, h, -1).transpose(1, 2)
         if k_weight is not None:
             k_weight = k_weight.view(h, 1, -1)  # per channel of each head
-        out = self._attend(q, k, k_weight, v, remake, self._logit_bias(relative_position_bias, mask))  # (b, h, p1, d)
-        return _ContiguousGrad.apply(out).transpose(1, 2).reshape(b, p1, c)
+        out = self._attend(q, k, k_weight, v, remake, _logit_bias(relative_position_bias, mask))  # (b, h, p1, d)
+        if not torch.jit.is_scripting():
+            out = _ContiguousGrad.apply(out)
+        return out.transpose(1, 2).reshape(b, p1, c)
 
     def _normalize_qk(self, q, k):
         """q and k through their norms -> q_n, k_n, weight: the logits are q_n . (k_n * weight), per channel
         (weight None: q_n . k_n). With RMSNorm, q's weight moves onto k, (q / rms(q) * w_q) . (k / rms(k) * w_k)
         = (q / rms(q)) . (k / rms(k) * w_q * w_k), and the product of the weights is left to the attention
         (`_attend`), so that each norm's output is what the attention keeps for backward (no second copy)."""
-        background = (self.cls_tkn_idx, self.bg_tkn_idx) if self.rep_tkn_type == 'cls+bg' else None
-        if not isinstance(self.q_norm_layer, RMSNorm):
-            q = self.q_norm_layer(q)
-            if background is not None:  # the background query as `_RMSNormFunction` makes it, in a copy of q
-                cls, bg = background
-                q = torch.cat([q[:, :bg], -q[:, cls:cls + 1].detach(), q[:, bg + 1:]], 1)
-            return q, self.k_norm_layer(k), None
-        return (_RMSNormFunction.apply(q, self.q_norm_layer.eps, background),
-                _RMSNormFunction.apply(k, self.k_norm_layer.eps), self.k_norm_layer.weight * self.q_norm_layer.weight)
+        cls, bg = self.cls_tkn_idx, self.bg_tkn_idx  # bg: set with rep_tkn_type='cls+bg' alone
+        if not torch.jit.is_scripting():
+            if isinstance(self.q_norm_layer, RMSNorm):
+                background = None if bg is None else (cls, bg)
+                return (_RMSNormFunction.apply(q, self.q_norm_layer.eps, background),
+                        _RMSNormFunction.apply(k, self.k_norm_layer.eps),
+                        self.k_norm_layer.weight * self.q_norm_layer.weight)
+        q = self.q_norm_layer(q)
+        if cls is not None and bg is not None:  # the background query as `_RMSNormFunction` makes it, in a copy of q
+            q = torch.cat([q[:, :bg], -q[:, cls:cls + 1].detach(), q[:, bg + 1:]], 1)
+        return q, self.k_norm_layer(k), None
 
     def _normalize_v(self, v):
         """v through its norm -> v_n, weight: the normalised v is v_n * weight (weight None: v_n). With RMSNorm
         the weight is applied by the alignment, which then keeps the norm's output for backward, not a copy."""
-        if not isinstance(self.v_norm_layer, RMSNorm):
-            return self.v_norm_layer(v), None
-        return _RMSNormFunction.apply(v, self.v_norm_layer.eps), self.v_norm_layer.weight
+        if not torch.jit.is_scripting():
+            if isinstance(self.v_norm_layer, RMSNorm):
+                return _RMSNormFunction.apply(v, self.v_norm_layer.eps), self.v_norm_layer.weight
+        return self.v_norm_layer(v), None
 
-    def _images_in_batch(self, b, real_b, mask):
-        if real_b is None:
-            if not self.is_swin:
-                return b
-            if mask is None:
-                raise ValueError('ISTA2(is_swin=True) needs real_b (images in the batch) when no shift mask '
-                                 'gives the number of windows')
-            real_b = b // mask.shape[0]
-        if real_b <= 0 or b % real_b:
-            raise ValueError(f'ISTA2: real_b={real_b} must be a positive divisor of the batch rows b={b}')
-        return real_b
+    def _images_in_batch(self, b: int, real_b: int | None, mask: torch.Tensor | None) -> int:
+        if real_b is not None:
+            images = real_b
+        elif not self.is_swin:
+            return b
+        elif mask is None:
+            raise ValueError('ISTA2(is_swin=True) needs real_b (images in the batch) when no shift mask '
+                             'gives the number of windows')
+        else:
+            images = b // mask.shape[0]
+        if images <= 0 or b % images:
+            raise ValueError(f'ISTA2: real_b={images} must be a positive divisor of the batch rows b={b}')
+        return images
 
-    @staticmethod
-    def _logit_bias(relative_position_bias, mask):
-        """Additive q.k logit bias of shape (nW or 1, h or 1, p1, p2), or None."""
-        if mask is None:
-            return relative_position_bias
-        mask = mask.unsqueeze(1)
-        return mask if relative_position_bias is None else mask + relative_position_bias
-
-    def _attend(self, q, k, k_weight, v, remake, bias):
+    def _attend(self, q, k, k_weight: torch.Tensor | None, v, remake: _Remake | None,
+                bias: torch.Tensor | None):
         """softmax(q.(k * k_weight) * qk_scale + bias) @ v: q (b, h, p1, d), k/v (b, h, p2, d), k_weight (h, 1, d) or
         None -> (b, h, p1, d). The bias's leading dim cycles over the rows of each image (Swin windows). remake:
         how the alignment makes v again (`_align`), so that the explicit path need not keep v (`_TimesValues`),
         or None."""
-        drop = self.attn_drop_layer
-        p = drop.p if drop is not None and drop.training else 0.
-        background = self.bg_tkn_idx if self.rep_tkn_type == 'cls+bg' else None
-        if bias is None and (drop is None or type(drop) is nn.Dropout) and not _exporting_onnx() \
-                and not (background is not None and p > 0):
-            # fused kernel; with a bias that needs a gradient it would be no faster than the explicit path. Not in
-            # an ONNX export: the TorchScript-based exporter's scaled_dot_product_attention fails on an explicit
-            # scale (torch 2.4 to 2.14: "z_(): incompatible function arguments"), and either exporter writes out
-            # the same products and softmax as the explicit path. Not for a background query under dropout, whose
-            # dropped weights the kernel does not tell
+        p = 0.  # (not through a local variable: TorchScript reads a submodule's constants from self alone)
+        if self.attn_drop_layer is not None:
+            if self.attn_drop_layer.training:
+                p = self.attn_drop_layer.p
+        background = self.bg_tkn_idx  # set with rep_tkn_type='cls+bg' alone
+        # fused kernel; with a bias that needs a gradient it would be no faster than the explicit path. Not in an
+        # ONNX export: the TorchScript-based exporter's scaled_dot_product_attention fails on an explicit scale
+        # (torch 2.4 to 2.14: "z_(): incompatible function arguments"), and either exporter writes out the same
+        # products and softmax as the explicit path. Not for a background query under dropout, whose dropped
+        # weights the kernel does not tell, and not for a dropout layer of another kind
+        fused = bias is None and not _exporting_onnx() and not (background is not None and p > 0)
+        if self.attn_drop_layer is not None:
+            if torch.jit.is_scripting():
+                fused = fused and p == 0.  # (TorchScript cannot tell an nn.Dropout from another module)
+            else:
+                fused = fused and type(self.attn_drop_layer) is nn.Dropout
+        if fused:
             out = F.scaled_dot_product_attention(q, _weighted(k, k_weight), v, dropout_p=p, scale=self.qk_scale)
             if background is not None:
                 with torch.no_grad():
                     weights = _logits(q[:, :, background:background + 1], k, k_weight, self.qk_scale).softmax(-1)
+                out = _with_background_row(out, weights, v, background)
         else:
             attn = self._weights(_logits(q, k, k_weight, self.qk_scale), bias)
-            out = attn @ v if _tracing() else _TimesValues.apply(attn, v, *(remake or ()))
+            out = _times_values(attn, v, remake)
             if background is not None:
-                weights = attn[:, :, background:background + 1].detach()
-        if background is not None:
-            # the background query (row bg of q, minus the class query: `_RMSNormFunction`) attends with no gradient
-            # through its logits: its row's gradient reaches v alone, through the same weights as constants
-            out = _BackgroundRow.apply(out, weights.to(v.dtype) @ v, background)
+                out = _with_background_row(out, attn[:, :, background:background + 1].detach(), v, background)
         return out
 
-    def _weights(self, logits, bias):
+    def _weights(self, logits, bias: torch.Tensor | None):
         """The attention weights of logits (b, h, p1, p2) with the bias added (its leading dim cycling over the
         rows of each image), through softmax and the attention dropout."""
         if bias is not None:
@@ -828,24 +904,26 @@ class ISTA2(nn.Module):
         return attn if self.attn_drop_layer is None else self.attn_drop_layer(attn)
 
     def _representatives(self, v):
-        """v (m, T, c), the T tokens of each of m images -> their representatives (m, J, c)."""
-        if self.rep_tkn_type is None:
-            return v
-        if self.rep_tkn_type == 'mean':
+        """v (m, T, c), the T tokens of each of m images -> their representatives (m, J, c). The kind of token
+        (rep_tkn_type) is told by the options it sets, which TorchScript can see are None for the other kinds."""
+        cls, bg, ratio = self.cls_tkn_idx, self.bg_tkn_idx, self.rep_tkn_ratio
+        if cls is not None:  # 'cls', 'cls+bg'
+            if bg is None:
+                return v[:, [cls]]
+            return v[:, [cls, bg]]
+        if ratio is not None:  # 'random'
+            count = v.shape[1]
+            if self.training:
+                order = torch.randperm(count, device=v.device)
+            else:  # fixed at eval so that evaluation is deterministic
+                order = torch.randperm(count, generator=torch.Generator().manual_seed(count)).to(v.device)
+            self.random_tkn_idxs = order[:math.ceil(count * ratio)].sort().values
+            return v[:, self.random_tkn_idxs]
+        if self.rep_tkn_type is not None:  # 'mean'
             return v.mean(1, keepdim=True)
-        if self.rep_tkn_type == 'cls':
-            return v[:, [self.cls_tkn_idx]]
-        if self.rep_tkn_type == 'cls+bg':
-            return v[:, [self.cls_tkn_idx, self.bg_tkn_idx]]
-        count = v.shape[1]
-        if self.training:
-            order = torch.randperm(count, device=v.device)
-        else:  # fixed at eval so that evaluation is deterministic
-            order = torch.randperm(count, generator=torch.Generator().manual_seed(count)).to(v.device)
-        self.random_tkn_idxs = order[:math.ceil(count * self.rep_tkn_ratio)].sort().values
-        return v[:, self.random_tkn_idxs]
+        return v  # None: every token
 
-    def _align(self, v, weight=None):
+    def _align(self, v, weight: torch.Tensor | None = None):
         """v (m, T, c): T tokens of each of m images, to be scaled by the v norm's weight (c,) or None -> v' =
         w_self * v + sum_top-k w_r * r, same shape, v meaning the scaled one; and how to make v' again without
         keeping it (`_TimesValues`'s inputs after v'), or None.
@@ -857,13 +935,17 @@ class ISTA2(nn.Module):
         m, tokens, c = v.shape
         reps = _weighted(self._representatives(v), weight)
         offset, gathered = 0, False
-        if self.across_gpus and _distributed():
-            offset = dist.get_rank() * m
-            reps, gathered = gather_from_ranks(reps), True
-        if self.eval_align == 'bank':
-            self._update_bank(reps, gathered)
+        if not torch.jit.is_scripting():  # (a TorchScript module aligns within its own batch: `__prepare_scriptable__`)
+            if self.across_gpus and _distributed():
+                offset = dist.get_rank() * m
+                reps, gathered = gather_from_ranks(reps), True
+        if hasattr(self, 'bank'):  # (TorchScript compiles the call for a layer with a bank alone)
+            if self.eval_align == 'bank':
+                self._update_bank(reps, gathered)
         n, reps_per_image = reps.shape[0], reps.shape[1]
-        others = n - 1 if self.bs_ratio is None else math.ceil((n - 1) * self.bs_ratio)
+        others, ratio = n - 1, self.bs_ratio
+        if ratio is not None:
+            others = math.ceil(others * ratio)
         if others == 0:
             return _weighted(v, weight), None
         # not min(): under torch 2.4's compile, min(1, batch - 1) pins the batch size to 2 when it is 2
@@ -878,21 +960,22 @@ class ISTA2(nn.Module):
         allowed = allowed.flatten(1)  # (m, (others+1)*J)
         return self._mix(v, weight, candidates, allowed, topk)
 
-    @torch.no_grad()
-    def _update_bank(self, reps, gathered):
+    def _update_bank(self, reps, gathered: bool):
         """Append the representatives (m, J, c) of this batch (of every rank's, in rank order, when a process
         group exists) to the bank, dropping the oldest rows; no gradient, no host synchronisation."""
         rows = reps.detach().flatten(0, 1)
-        if not gathered and _distributed():
-            rows = gather_from_ranks(rows)
+        if not torch.jit.is_scripting():
+            if not gathered and _distributed():
+                rows = gather_from_ranks(rows)
         total = rows.shape[0]
         rows = rows[-self.bank_size:]  # the rows a queue of bank_size would keep of these
-        start = self.bank_count + (total - rows.shape[0])
-        index = (start + torch.arange(rows.shape[0], device=rows.device)) % self.bank_size
-        self.bank.index_copy_(0, index, rows.to(self.bank.dtype))
-        self.bank_count += total  # representative rows queued so far
+        with torch.no_grad():
+            start = self.bank_count + (total - rows.shape[0])
+            index = (start + torch.arange(rows.shape[0], device=rows.device)) % self.bank_size
+            self.bank.index_copy_(0, index, rows.to(self.bank.dtype))
+            self.bank_count.add_(total)  # representative rows queued so far
 
-    def _align_to_bank(self, v, weight=None):
+    def _align_to_bank(self, v, weight: torch.Tensor | None = None):
         """v (m, T, c) and the v norm's weight aligned as in `_align` (the same two results), with every image's
         candidates the bank's rows: no image sees another, so each output is that of the image alone. An empty bank
         aligns nothing (with a warning). Under a tracer, which cannot read the count (torch.compile without a graph
@@ -915,19 +998,20 @@ class ISTA2(nn.Module):
         allowed = torch.ones(v.shape[0], filled, dtype=torch.bool, device=v.device)
         return self._mix(v, weight, candidates, allowed, min(self.attn_inter_topk, filled))
 
-    def _mix(self, v, weight, candidates, allowed, topk):
+    def _mix(self, v, weight: torch.Tensor | None, candidates, allowed, topk: int):
         """v (m, T, c) to be scaled by weight (c,) or None, candidates (n, c), allowed (m, n) -> v' (m, T, c): per
         head, each (scaled) token mixed with its `topk` best allowed candidates by the softmax of the scaled
         scores, itself included; and for top-1, what makes v' again (`_TimesValues`), else None."""
         m, tokens, c = v.shape
         h, d = self.num_heads, c // self.num_heads
-        if topk == 1 and not _exporting_onnx():
-            # (an ONNX export records the code below with k = 1, the same softmax of [s v.v, s v.r*]: the
-            # TorchScript-based exporter loses _AlignToBest's writes into its preallocated outputs)
-            out, best, mix_weight = _AlignToBest.apply(v, weight, candidates, allowed, h, self.v_scale)
-            if self.keep_winners:
-                self.winners = best.long().unsqueeze(-1)
-            return out, (v, weight, candidates, best, mix_weight)
+        if not torch.jit.is_scripting():
+            if topk == 1 and not _exporting_onnx():
+                # (an ONNX export and TorchScript run the code below with k = 1, the same softmax of [s v.v, s v.r*]:
+                # the TorchScript-based exporter loses _AlignToBest's writes into its preallocated outputs)
+                out, best, mix_weight = _AlignToBest.apply(v, weight, candidates, allowed, h, self.v_scale)
+                if self.keep_winners:
+                    self.winners = best.long().unsqueeze(-1)
+                return out, (v, weight, candidates, best, mix_weight)
         v = _weighted(v, weight)
 
         # which candidates win carries no gradient; their scores do, below

@@ -5,7 +5,6 @@ import itertools
 import math
 
 import torch
-from torch import nn
 
 
 def rms_norm(x, w):
@@ -27,13 +26,11 @@ def naive_ista2(m, q, k, v, images, rel_bias=None, mask=None):
     attention are tensors."""
     norms = {'q': m.q_norm_layer, 'k': m.k_norm_layer, 'v': m.v_norm_layer}
 
-    def norm(x, name):
+    def norm(x, name):  # told by the options, not the layer's class: `m` may be a TorchScript module
+        if not (m.v_norm if name == 'v' else m.qk_norm):
+            return x
         layer = norms[name]
-        if isinstance(layer, nn.RMSNorm):
-            return rms_norm(x, layer.weight)
-        if isinstance(layer, nn.LayerNorm):
-            return layer_norm(x, layer.weight, layer.bias)
-        return x
+        return rms_norm(x, layer.weight) if m.norm_type == 'rmsnorm' else layer_norm(x, layer.weight, layer.bias)
 
     b, p1, c = q.shape
     p2, h = k.shape[1], m.num_heads

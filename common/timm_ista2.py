@@ -62,35 +62,7 @@ class UnsupportedModelError(UserError, TypeError):
     """A model (or one of its blocks) whose attention patch_timm has no adapter for."""
 
 
-def _per_head(norm, x, heads):
-    """timm's per-head q/k norm (over head_dim) on x (B, N, h*d); x itself when there is none."""
-    if isinstance(norm, nn.Identity):
-        return x
-    return norm(x.view(x.shape[0], x.shape[1], heads, -1)).flatten(-2)  # not unflatten: see EvaAttention._rotate
-
-
-def _fused_qkv(attn, x):
-    """q, k, v (B, N, h*d) each, from a BEiT/EVA-style fused qkv projection with its separate q/v biases."""
-    if attn.q_bias is None:
-        qkv = attn.qkv(x)
-    else:
-        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-        qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
-    return qkv.chunk(3, dim=-1)
-
-
-def _reduce(attn, x, size):
-    """PVTv2 / Twins spatial reduction: (B, H*W, C) -> the tokens keys and values come from."""
-    if getattr(attn, 'pool', None) is not None:  # PVTv2 'linear': pool to 7x7, 1x1 conv, norm, GELU
-        grid = x.transpose(1, 2).unflatten(2, tuple(size))
-        return attn.act(attn.norm(attn.sr(attn.pool(grid)).flatten(2).transpose(1, 2)))
-    if attn.sr is None:
-        return x
-    grid = x.transpose(1, 2).unflatten(2, tuple(size))
-    return attn.norm(attn.sr(grid).flatten(2).transpose(1, 2))
-
-
-def _pad_prefix(bias, offset):
+def _pad_prefix(bias, offset: int):
     """A (.., h, N, N) logit bias -> (h, N+offset, N+offset), zero for `offset` leading (background) tokens."""
     bias = bias.reshape(bias.shape[-3:])
     return F.pad(bias, (offset, 0, offset, 0)) if offset else bias
@@ -98,10 +70,34 @@ def _pad_prefix(bias, offset):
 
 class _Patched:
     """Marks a patched attention module. Attributes set by patch_timm: ``ista2`` (the ISTA2 module) and
-    ``ista2_prefix`` (tokens put before the model's own, 1 with the 'cls+bg' background token, else 0)."""
+    ``ista2_prefix`` (tokens put before the model's own, 1 with the 'cls+bg' background token, else 0).
+
+    The adapters' code is TorchScript (timm's tests script models): a timm attribute that one configuration sets
+    to None is tested with ``is None`` (or ``hasattr`` where a timm release lacks it), which TorchScript decides
+    while it compiles, and sizes are read from tensors by index, which torch.fx can also trace."""
+
+    def _fused_qkv(self, x):
+        """q, k, v (B, N, h*d) each, from a BEiT/EVA-style fused qkv projection with its separate q/v biases."""
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            qkv = self.qkv(x) + bias if self.qkv_bias_separate else F.linear(x, self.qkv.weight, bias)
+        return qkv.chunk(3, dim=-1)
+
+    def _reduced(self, x, size: list[int]):
+        """PVTv2 / Twins spatial reduction: x (B, H*W, C) -> the tokens keys and values come from."""
+        if hasattr(self, 'pool'):  # PVTv2
+            if self.pool is not None:  # 'linear': pool to 7x7, 1x1 conv, norm, GELU
+                grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], size[0], size[1])
+                return self.act(self.norm(self.sr(self.pool(grid)).flatten(2).transpose(1, 2)))
+        if self.sr is not None:
+            grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], size[0], size[1])
+            return self.norm(self.sr(grid).flatten(2).transpose(1, 2))
+        return x
 
 
-def _refuse_masking(attention, attn_mask, is_causal):
+def _refuse_masking(attention: str, attn_mask: torch.Tensor | None, is_causal: bool):
     """timm 1.0.11 calls ViT attention with x alone; later releases (1.0.31 here) pass attn_mask and is_causal to
     ViT and EVA attention, set only for NaFlex token padding and causal models. The mean representative token
     would average over the padding, and ISTA2 aligns whole images, so both stay at their defaults. attention:
@@ -117,48 +113,58 @@ torch.fx.wrap('_refuse_masking')
 
 class ViTAttention(_Patched, vision_transformer.Attention):
     """timm.models.vision_transformer.Attention (ViT, DeiT, DeiT-III, ...): fused qkv, timm's optional per-head
-    q_norm/k_norm (applied before ISTA2's own norms)."""
+    q_norm/k_norm (applied before ISTA2's own norms) and, from timm 1.0.31 on, its optional norm and sigmoid
+    gate of the attention output (scale_norm, gated)."""
 
-    def forward(self, x, attn_mask=None, is_causal=False):
-        _refuse_masking(type(self).__name__, attn_mask, is_causal)
+    def forward(self, x, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        _refuse_masking('ViTAttention', attn_mask, is_causal)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k = _per_head(self.q_norm, q, self.num_heads), _per_head(self.k_norm, k, self.num_heads)
-        return self.proj_drop(self.proj(self.ista2(q, k, v)))
+        B, N, h = x.shape[0], x.shape[1], self.num_heads
+        q, k = self.q_norm(q.view(B, N, h, -1)).flatten(-2), self.k_norm(k.view(B, N, h, -1)).flatten(-2)
+        out = self.ista2(q, k, v)
+        if hasattr(self, 'norm'):
+            out = self.norm(out)
+        if hasattr(self, 'gate'):
+            if self.gate is not None:
+                out = out * self.gate(x).sigmoid()
+        return self.proj_drop(self.proj(out))
 
 
 class PvtV2Attention(_Patched, pvt_v2.Attention):
     """timm.models.pvt_v2.Attention: keys and values from the spatially reduced tokens (conv or pooling)."""
 
-    def forward(self, x, feat_size):
-        k, v = self.kv(_reduce(self, x, feat_size)).chunk(2, dim=-1)
+    def forward(self, x, feat_size: list[int]):
+        k, v = self.kv(self._reduced(x, feat_size)).chunk(2, dim=-1)
         return self.proj_drop(self.proj(self.ista2(self.q(x), k, v)))
 
 
 class SwinWindowAttention(_Patched, swin_transformer.WindowAttention):
     """timm.models.swin_transformer.WindowAttention: rows are windows; each image is aligned over all of
-    its windows (``real_b``: the images in the batch, recorded by a pre-hook on the block)."""
+    its windows (``ista2_images``: the images in the batch, recorded by a pre-hook on the block)."""
+    ista2_images: int | None  # for TorchScript: None between calls
 
-    def forward(self, x, mask=None):
-        images = self.__dict__.pop('ista2_images', None)
+    def forward(self, x, mask: torch.Tensor | None = None):
+        images = self.ista2_images
+        self.ista2_images = None
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         bias = self._get_rel_pos_bias()[0]
         return self.proj_drop(self.proj(self.ista2(q, k, v, real_b=images, relative_position_bias=bias, mask=mask)))
 
 
-def _record_images(block, args, kwargs):
-    """Forward pre-hook on a Swin block: its input is (B, H, W, C); the attention needs B."""
-    x = args[0] if args else kwargs['x']
-    block.attn.ista2_images = x.shape[0]
+def _record_images(block, args: tuple[torch.Tensor]) -> None:
+    """Forward pre-hook on a Swin block (called with its input (B, H, W, C) alone): the attention needs B."""
+    block.attn.ista2_images = args[0].shape[0]
 
 
 class EvaAttention(_Patched, eva.EvaAttention):
     """timm.models.eva.EvaAttention (EVA, EVA-02): fused or separate q/k/v projections, rotary position
     embedding on q and k of the patch tokens, optional norm before the output projection."""
 
-    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
-        _refuse_masking(type(self).__name__, attn_mask, is_causal)
+    def forward(self, x, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False):
+        _refuse_masking('EvaAttention', attn_mask, is_causal)
         if self.qkv is not None:
-            q, k, v = _fused_qkv(self, x)
+            q, k, v = self._fused_qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if rope is not None:
@@ -170,7 +176,7 @@ class EvaAttention(_Patched, eva.EvaAttention):
         prefix = self.num_prefix_tokens + self.ista2_prefix
         patches = t[:, prefix:]
         # sizes read from the tensor, not unflatten: a TorchScript-based ONNX export then keeps the batch size
-        # dynamic (docs/design.md); each one by index, which torch.fx can trace (it cannot unpack a shape)
+        # dynamic (docs/design.md)
         heads = patches.view(patches.shape[0], patches.shape[1], self.num_heads, -1).transpose(1, 2)  # (B, h, N', d)
         rotated = apply_rot_embed_cat(heads, rope).transpose(1, 2).flatten(-2)
         return torch.cat([t[:, :prefix], rotated], dim=1)
@@ -179,9 +185,9 @@ class EvaAttention(_Patched, eva.EvaAttention):
 class BeitAttention(_Patched, beit.Attention):
     """timm.models.beit.Attention (BEiT, BEiT v2): fused qkv, relative position bias (own and/or shared)."""
 
-    def forward(self, x, shared_rel_pos_bias=None):
-        q, k, v = _fused_qkv(self, x)
-        bias = None
+    def forward(self, x, shared_rel_pos_bias: torch.Tensor | None = None):
+        q, k, v = self._fused_qkv(x)
+        bias: torch.Tensor | None = None
         if self.relative_position_bias_table is not None:
             bias = self._get_rel_pos_bias()
         if shared_rel_pos_bias is not None:
@@ -195,13 +201,13 @@ class TwinsLocallyGroupedAttn(_Patched, twins.LocallyGroupedAttn):
     """timm.models.twins.LocallyGroupedAttn: attention inside ws x ws windows of the (zero-padded) map; each
     image is aligned over all of its windows."""
 
-    def forward(self, x, size):
+    def forward(self, x, size: tuple[int, int]):
         B, N, C = x.shape
         H, W = size
         ws = self.ws
         pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
         grid = F.pad(x.view(B, H, W, C), (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = grid.shape[1:3]
+        Hp, Wp = grid.shape[1], grid.shape[2]
         windows = grid.view(B, Hp // ws, ws, Wp // ws, ws, C).transpose(2, 3).reshape(-1, ws * ws, C)
         q, k, v = self.qkv(windows).chunk(3, dim=-1)
         out = self.ista2(q, k, v, real_b=B)  # (B * windows, ws*ws, C), image-major
@@ -212,8 +218,8 @@ class TwinsLocallyGroupedAttn(_Patched, twins.LocallyGroupedAttn):
 class TwinsGlobalSubSampleAttn(_Patched, twins.GlobalSubSampleAttn):
     """timm.models.twins.GlobalSubSampleAttn: keys and values from the spatially reduced tokens."""
 
-    def forward(self, x, size):
-        k, v = self.kv(_reduce(self, x, size)).chunk(2, dim=-1)
+    def forward(self, x, size: tuple[int, int]):
+        k, v = self.kv(self._reduced(x, list(size))).chunk(2, dim=-1)
         return self.proj_drop(self.proj(self.ista2(self.q(x), k, v)))
 
 
@@ -335,6 +341,13 @@ class _WithBackgroundToken:
                                   "rep_tkn_type='cls+bg' would return the background token as a patch token; "
                                   "use 'mean' or 'cls' for feature extraction")
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: the background token's hooks take keyword arguments (timm's EVA and
+        BEiT blocks are called with them), which TorchScript cannot compile."""
+        raise UnsupportedModelError("patch_timm: torch.jit.script of a model patched with rep_tkn_type='cls+bg' is "
+                                    "not supported (its background token is added by hooks TorchScript cannot "
+                                    "compile); use torch.jit.trace, or 'mean' or 'cls'")
+
 
 class _BgVisionTransformer(_WithBackgroundToken, vision_transformer.VisionTransformer):
     pass
@@ -393,7 +406,8 @@ def patch_timm(model, **options):
         attn.__class__ = adapter
         attn.ista2, attn.ista2_prefix = ista2, int(with_bg)
         if adapter is SwinWindowAttention:
-            parent.register_forward_pre_hook(_record_images, with_kwargs=True)
+            attn.ista2_images = None
+            parent.register_forward_pre_hook(_record_images)
     if with_bg:
         _install_bg_token(model, model.cls_token.shape[-1])
     return model

@@ -122,6 +122,26 @@ def test_off_evaluates_plain_attention_with_the_norms_and_trains_like_batch():
     assert not torch.allclose(off.train()(*x), plain.train()(*x))
 
 
+def test_a_bank_layer_switched_to_batch_or_off_leaves_its_bank_alone():
+    m = build(eval_align='bank', bank_size=6)
+    with torch.no_grad():
+        m(*qkv(4, seed=0))  # training: queues 4 rows
+    bank, count = m.bank.clone(), int(m.bank_count)
+    m.eval()
+    for mode in ('batch', 'off'):
+        m.eval_align = mode
+        with torch.no_grad():
+            m(*qkv(3, seed=1))
+        assert int(m.bank_count) == count and torch.equal(m.bank, bank), mode
+
+
+def test_bank_evaluation_of_a_layer_built_without_a_bank_is_refused():
+    m = build().eval()
+    m.eval_align = 'bank'
+    with pytest.raises(ValueError, match="built with it"):
+        m(*qkv(2, seed=0))
+
+
 def test_state_dicts_without_a_bank_are_unchanged():
     assert set(build().state_dict()) == set(build(eval_align='off').state_dict())
     assert not any('bank' in k for k in build().state_dict())

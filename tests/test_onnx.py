@@ -6,6 +6,7 @@ whose onnxruntime outputs at two batch sizes equal eager torch's. ISTA2 models i
 and the TorchScript-based one where both exist: that one on every case, the torch.export-based one (seconds per
 block) on every model once, in 'batch' (the mode whose graph depends on the batch), and on the other modes with
 DeiT. Small models: 32 px (56 px for EVA-02's patches), one or two blocks per stage."""
+import copy
 import functools
 import inspect
 
@@ -47,8 +48,16 @@ CASES = {'torchscript': BASELINES + [(name, mode) for name in ISTA2_MODELS for m
 PARAMS = [(exporter, name, mode) for exporter in EXPORTERS for name, mode in CASES[exporter]]
 
 
-@functools.cache
 def build(name):
+    """(model in eval mode, image size): a copy of its model for each test, so that no case sees another's
+    changes: the eval_align a case sets (`bank_layers` finds only layers in 'bank') and the rows that 'batch'
+    alignment of a bank model queues into its bank, in eager calls and in the TorchScript exporter's trace."""
+    model, size = _build(name)
+    return copy.deepcopy(model), size
+
+
+@functools.cache
+def _build(name):
     """(model in eval mode, image size), once per name; ISTA2 models with eval_align='bank', their banks filled
     with the representatives of noise images (16 rows; 256-row banks of our configs partly)."""
     torch.manual_seed(0)
@@ -89,7 +98,9 @@ def export(model, images, path, exporter, min_batch):
 @pytest.mark.parametrize('exporter, name, mode', PARAMS, ids=['-'.join(filter(None, p)) for p in PARAMS])
 def test_onnxruntime_gives_the_eager_outputs_at_two_batch_sizes(exporter, name, mode, tmp_path):
     model, size = build(name)
-    for layer in bank_layers(model) if mode else ():
+    layers = bank_layers(model) if mode else []
+    assert bool(layers) == bool(mode), f'{name}: {len(layers)} ISTA2 layers in eval_align bank to set to {mode}'
+    for layer in layers:
         layer.eval_align = mode
     batches = (2, 3) if mode == 'batch' else (1, 3)
     generator = torch.Generator().manual_seed(0)

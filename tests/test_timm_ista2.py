@@ -1,6 +1,7 @@
 """ISTA2 in timm models (common/timm_ista2.py): patch_timm per family, the registered `<name>_ista2` models and
 timm's own training path. Small inputs (or small variants built with timm kwargs) keep the whole file fast."""
 import copy
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ import timm
 import torch
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy
+from timm.models import vision_transformer
 from timm.optim import create_optimizer_v2
 from timm.utils import ParseKwargs, accuracy
+from torch import nn
 
 from common import timm_ista2
 from common.errors import ConfigError
@@ -99,6 +102,25 @@ def assert_same_as_ours(ours, theirs, filter_fn, x):
     assert len(ours_grads) == 3 * sum(1 for m in theirs.modules() if isinstance(m, timm_ista2._Patched))
     for key, grad in ours_grads.items():
         torch.testing.assert_close(grads[key], grad, rtol=1e-4, atol=1e-5)
+
+
+def test_vit_attention_keeps_timm_output_norm_and_gate():
+    """timm 1.0.31's ViT attention can normalise (scale_norm) and gate (gated) its output before the projection;
+    with alignment off the patched model computes the same (on a timm without them, the plain attention)."""
+    base, size = build('deit')
+    offered = inspect.signature(vision_transformer.Attention.__init__).parameters
+    extra = {name: True for name in ('scale_norm', 'gated') if name in offered}
+    for block in base.blocks:
+        block.attn = vision_transformer.Attention(192, 3, qkv_bias=True, norm_layer=nn.LayerNorm, **extra).eval()
+        with torch.no_grad():
+            for name, p in block.attn.named_parameters():
+                if name.startswith('norm.'):
+                    p.normal_(1. if name.endswith('weight') else 0., 0.5)  # not the identity: the test must see it
+    patched = patch_timm(copy.deepcopy(base), **OFF)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = base(x)
+        torch.testing.assert_close(patched(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_published_pvt_v2_b0_equals_our_pvt():

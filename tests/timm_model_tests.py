@@ -12,11 +12,9 @@ this Python against the installed timm, with this file as a pytest plugin (``-p 
   some tests by model module, which ``<name>_ista2`` is not in);
 - deselects everything else: the other ~1300 timm models, and the tests of `NOT_RUN`: three that download weights
   or test images from the Hugging Face hub (``pretrained=True`` of an ISTA2 model loads its base model's weights),
-  four that script models with torch.jit.script, which ISTA2 does not support (checked in the first version
-  of this runner: every ISTA2 model failed them; torch.jit.trace works, tests/test_torchscript.py), and timm
-  1.0.31's ``test_prune_intermediate_layers_contract``, which prunes every model at every feature index (half
-  the time of a ``--one-per-family`` run; timm's CI leaves it out; ISTA2 models passed it wherever their base
-  model did, ``--one-per-family`` on 2026-12-05);
+  and timm 1.0.31's ``test_prune_intermediate_layers_contract``, which prunes every model at every feature index
+  (half the time of a ``--one-per-family`` run; timm's CI leaves it out; ISTA2 models passed it wherever their
+  base model did, ``--one-per-family`` on 2026-12-05);
 - writes each test's outcome, and for a base model's test the ISTA2 test it pairs with, to ``--ista2-results``.
 
 Exit status 1 when an ISTA2 model does not pass a test that its base model passes (listed, with the failure's
@@ -49,9 +47,6 @@ HERE = Path(__file__).resolve().parent
 NOT_RUN = {
     **dict.fromkeys(('test_model_inference', 'test_model_load_pretrained', 'test_model_features_pretrained'),
                     'downloads from the Hugging Face hub'),
-    **dict.fromkeys(('test_model_forward_torchscript', 'test_model_forward_fx_torchscript',
-                     'test_pruned_features_torchscript', 'test_swin_family_script_after_resize'),
-                    'torch.jit.script: ISTA2 is not scriptable'),
     'test_prune_intermediate_layers_contract': "slow, left out of timm's own CI too",
 }
 # --one-per-family: the smallest registered model of each timm family, and PVTv2's linear variant; together they

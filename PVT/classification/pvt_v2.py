@@ -23,7 +23,7 @@ class DWConv(nn.Module):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
-    def forward(self, x, H, W):
+    def forward(self, x, H: int, W: int):
         x = self.dwconv(x.transpose(1, 2).reshape(x.shape[0], -1, H, W))
         return x.flatten(2).transpose(1, 2)
 
@@ -40,7 +40,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x, H, W):
+    def forward(self, x, H: int, W: int):
         x = self.drop(self.act(self.dwconv(self.relu(self.fc1(x)), H, W)))
         return self.drop(self.fc2(x))
 
@@ -73,16 +73,16 @@ class Attention(nn.Module):
             self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim)
 
-    def reduce(self, x, H, W):
+    def reduce(self, x, H: int, W: int):
         """(B, H*W, C) -> (B, N', C), the tokens keys and values are computed from."""
-        if not self.linear and self.sr_ratio == 1:
+        if not hasattr(self, 'sr'):  # sr_ratio 1 (hasattr: TorchScript compiles only the branches this model takes)
             return x
         grid = x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
-        if self.linear:
+        if hasattr(self, 'pool'):  # linear
             return self.act(self.norm(self.sr(self.pool(grid)).flatten(2).transpose(1, 2)))
         return self.norm(self.sr(grid).flatten(2).transpose(1, 2))
 
-    def forward(self, x, H, W):
+    def forward(self, x, H: int, W: int):
         k, v = self.kv(self.reduce(x, H, W)).chunk(2, dim=-1)
         return self.proj_drop(self.proj(self.ista2(self.q(x), k, v)))
 
@@ -97,7 +97,7 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, linear)
 
-    def forward(self, x, H, W):
+    def forward(self, x, H: int, W: int):
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))
         return x + self.drop_path(self.mlp(self.norm2(x), H, W))
 
@@ -158,13 +158,19 @@ class PyramidVisionTransformerV2(nn.Module):
     def forward_stages(self, x):
         """(B, 3, H, W) -> each stage's normalised output (B, C_i, H / 2^(i+1), W / 2^(i+1)), i = 1..4: the feature
         maps a dense-prediction head takes."""
-        maps = []
-        for i in range(1, self.num_stages + 1):
-            x, H, W = getattr(self, f'patch_embed{i}')(x)
-            for block in getattr(self, f'block{i}'):
-                x = block(x, H, W)
-            x = getattr(self, f'norm{i}')(x).transpose(1, 2).reshape(x.shape[0], -1, H, W)
-            maps.append(x)
+        maps: list[torch.Tensor] = []
+        # the children are patch_embed{i}, block{i}, norm{i} for each stage, then the head, told apart by what they
+        # hold: TorchScript compiles no getattr(self, f'block{i}'), and its isinstance fails on modules of differing
+        # configurations
+        for module in self.children():
+            if hasattr(module, 'proj'):  # patch_embed{i}
+                x, H, W = module(x)
+            elif hasattr(module, '0'):  # block{i}, a ModuleList
+                for block in module:
+                    x = block(x, H, W)
+            elif hasattr(module, 'normalized_shape'):  # norm{i} (the head, a Linear or Identity, has none)
+                x = module(x).transpose(1, 2).reshape(x.shape[0], -1, H, W)
+                maps.append(x)
         return maps
 
     def forward_features(self, x):

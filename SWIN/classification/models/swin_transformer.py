@@ -25,14 +25,14 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-def window_partition(x, window_size):
+def window_partition(x, window_size: int):
     """(B, H, W, C) -> (B * nW, window_size * window_size, C), windows of one image contiguous."""
     B, H, W, C = x.shape
     x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, C)
 
 
-def window_reverse(windows, window_size, H, W):
+def window_reverse(windows, window_size: int, H: int, W: int):
     """(B * nW, window_size * window_size, C) -> (B, H, W, C)."""
     C = windows.shape[-1]
     x = windows.view(-1, H // window_size, W // window_size, window_size, window_size, C)
@@ -61,7 +61,7 @@ class WindowAttention(nn.Module):
         self.ista2 = ISTA2(dim, num_heads, qk_scale=self.scale, v_scale=self.scale, attn_drop_layer=self.attn_drop,
                            is_swin=True, **(ista2_args or {}))
 
-    def forward(self, x, B=None, mask=None):
+    def forward(self, x, B: int | None = None, mask: torch.Tensor | None = None):
         """x (B * nW, N, C) for B images; mask (nW, N, N) of 0 / -100, or None."""
         N = x.shape[1]
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -170,7 +170,7 @@ class BasicLayer(nn.Module):
     def forward_blocks(self, x):
         """(B, H*W, C) -> the same after the blocks, before the patch merging."""
         for block in self.blocks:
-            if self.use_checkpoint and self.training:
+            if not torch.jit.is_scripting() and self.use_checkpoint and self.training:  # TorchScript has no checkpoint
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
@@ -253,7 +253,7 @@ class SwinTransformer(nn.Module):
         """(B, 3, H, W) -> each stage's tokens (B, H_i*W_i, C_i) before its patch merging, the last after the final
         norm."""
         x = self.patch_embed(x)
-        if self.ape:
+        if hasattr(self, 'absolute_pos_embed'):  # ape (hasattr: TorchScript compiles the addition only with ape)
             x = x + self.absolute_pos_embed
         x = self.pos_drop(x)
         stages = []

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
@@ -25,7 +26,7 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype."""
 
     def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
@@ -85,12 +86,14 @@ class Attention(nn.Module):
         self.ista2 = ISTA2(dim_out, num_heads, qk_scale=self.scale, v_scale=self.scale, attn_drop_layer=self.attn_drop,
                            **(ista2_args or {}))
 
-    def forward(self, x, h, w):
+    def forward(self, x, h: int, w: int):
         """x (B, extra + h*w, C_in) -> (B, extra + h*w, C_out)."""
         extra, patches = x[:, :self.extra_tokens], x[:, self.extra_tokens:]
         grid = patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)
-        q, k, v = (torch.cat([extra, proj(grid).transpose(1, 2) if proj is not None else patches], dim=1)
-                   for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))
+        # one line per projection: TorchScript iterates over no tuple of modules
+        q = torch.cat([extra, self.conv_proj_q(grid).transpose(1, 2) if self.conv_proj_q is not None else patches], 1)
+        k = torch.cat([extra, self.conv_proj_k(grid).transpose(1, 2) if self.conv_proj_k is not None else patches], 1)
+        v = torch.cat([extra, self.conv_proj_v(grid).transpose(1, 2) if self.conv_proj_v is not None else patches], 1)
         out = self.ista2(self.proj_q(q), self.proj_k(k), self.proj_v(v))
         return self.proj_drop(self.proj(out))
 
@@ -105,7 +108,7 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim_out)
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), act_layer, drop)
 
-    def forward(self, x, h, w):
+    def forward(self, x, h: int, w: int):
         x = x + self.drop_path(self.attn(self.norm1(x), h, w))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -257,9 +260,12 @@ class ConvolutionalVisionTransformer(nn.Module):
 
     def _stages(self, x):
         """(B, 3, H, W) -> [(stage i's map (B, C_i, H_i, W_i), its class token (B, 1, C_i) or None)]."""
-        stages = []
-        for i in range(self.num_stages):
-            stages.append(getattr(self, f'stage{i}')(stages[-1][0] if stages else x))
+        stages: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        # the children are stage0, stage1, ... then the norm and the head, told apart by hasattr: TorchScript compiles
+        # no getattr(self, f'stage{i}'), and isinstance fails on modules of differing configs
+        for stage in self.children():
+            if hasattr(stage, 'blocks'):
+                stages.append(stage(stages[-1][0] if stages else x))
         return stages
 
     def forward_stages(self, x):
@@ -270,7 +276,7 @@ class ConvolutionalVisionTransformer(nn.Module):
     def forward_features(self, x):
         """(B, 3, H, W) -> (B, C): the normalised class token, or the mean normalised patch token."""
         x, cls = self._stages(x)[-1]
-        if self.cls_token:
+        if cls is not None:
             return self.norm(cls).flatten(1)
         return self.norm(x.flatten(2).transpose(1, 2)).mean(1)
 
