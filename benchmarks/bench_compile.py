@@ -1,9 +1,11 @@
-"""torch.compile against eager: train-step and evaluation times of whole models, baseline and ISTA2, each built
-from its config file.
+"""torch.compile and TorchScript against eager: train-step and evaluation times of whole models, baseline and ISTA2,
+each built from its config file.
 
-    python benchmarks/bench_compile.py [--pairs pvt_v2_b0] [--batch 16] [--size 224] [--repeats 5] [--rounds 1]
+    python benchmarks/bench_compile.py [--pairs pvt_v2_b0] [--modes eager compiled scripted] [--batch 16] [--size 224]
+                                       [--repeats 5] [--rounds 1]
 
-`compiled` is torch.compile(model, fullgraph=True) with torch's default backend (inductor; static shapes). A step
+`compiled` is torch.compile(model, fullgraph=True) with torch's default backend (inductor; static shapes);
+`scripted` is torch.jit.script(model) (ISTA2 then runs its torch code path, without the fused kernels). A step
 is measure.TrainStep's (forward, cross-entropy, backward, AdamW; fp32 on the CPU); evaluation is a forward pass
 without gradients in eval mode (ISTA2's eval_align as its config sets it). `first s` is the first train step and
 the first evaluation together: mostly compiling. Every variant runs in its own process.
@@ -25,7 +27,7 @@ from common.runtime import tune_cpu  # noqa: E402
 
 from measure import TrainStep, add_step_args, compare, device_name, report, synchronize  # noqa: E402
 
-MODES = ('eager', 'compiled')
+MODES = ('eager', 'compiled', 'scripted')
 
 
 def evaluation_seconds(model, images, repeats):
@@ -51,6 +53,8 @@ def worker(variant, batch, size, repeats):
     model = BACKBONES[backbone].build(config).to(device)
     if mode == 'compiled':
         model = torch.compile(model, fullgraph=True)
+    elif mode == 'scripted':
+        model = torch.jit.script(model)
     step = TrainStep(model, batch, size, 1000, device)
     first_step = step()
     train = statistics.median(step() for _ in range(repeats))
@@ -61,6 +65,8 @@ def worker(variant, batch, size, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--pairs', nargs='+', default=list(PAIRS), choices=list(PAIRS), help='baseline names')
+    parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES,
+                        help='ways to run each model (eager, the reference of the x columns, always runs)')
     add_step_args(parser, repeats=5)
     parser.set_defaults(rounds=1)
     args = parser.parse_args()
@@ -69,15 +75,16 @@ def main():
         return worker(variant, int(batch), int(size), int(repeats))
     print(f'torch {torch.__version__}, {device_name()}; batch {args.batch} at {args.size}px, '
           f'median of {args.repeats} train steps (fwd+bwd+AdamW) and evaluations, {args.rounds} round(s)')
-    print(f'{"model":30} {"mode":9} {"first s":>8} {"step ms":>9} {"x eager":>8} {"eval ms":>9} {"x eager":>8}')
+    print(f'{"model":36} {"mode":9} {"first s":>8} {"step ms":>9} {"x eager":>8} {"eval ms":>9} {"x eager":>8}')
     for baseline in args.pairs:
         for name in (baseline, PAIRS[baseline]):
-            variants = [f'{name}@{mode}' for mode in MODES]
+            modes = ['eager', *(mode for mode in args.modes if mode != 'eager')]
+            variants = [f'{name}@{mode}' for mode in modes]
             results = compare(__file__, variants, (args.batch, args.size, args.repeats), args.rounds)
             eager = results[variants[0]]
-            for variant, mode in zip(variants, MODES, strict=True):
+            for variant, mode in zip(variants, modes, strict=True):
                 r = results[variant]
-                print(f'{name:30} {mode:9} {r["first"]:8.1f} {1e3 * r["seconds"]:9.1f} '
+                print(f'{name:36} {mode:9} {r["first"]:8.1f} {1e3 * r["seconds"]:9.1f} '
                       f'{eager["seconds"] / r["seconds"]:8.2f} {1e3 * r["eval"]:9.1f} {eager["eval"] / r["eval"]:8.2f}')
 
 

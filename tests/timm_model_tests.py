@@ -21,8 +21,8 @@ Exit status 1 when an ISTA2 model does not pass a test that its base model passe
 message); ISTA2 tests that do not pass where the base model's do not pass either are printed as a note. Other
 arguments go to pytest (e.g. ``-k forward_fx --tb=long``). The test processes run one thread each
 (``OMP_NUM_THREADS=1`` unless set): on a busy machine, two threads per process ran ten times slower. On the 2-core
-machine shared with other jobs, ``--one-per-family`` (what ``make test`` and ``make test-latest`` run) took 2.4 min
-with timm 1.0.11 and 3.5 min with 1.0.31, all 26 models 23 and 18 min (2026-12-05).
+machine, ``--one-per-family`` (what ``make test`` and ``make test-latest`` run) took 94 s with timm 1.0.11 and
+125 s with 1.0.31 alone on it; all 26 models 23 and 18 min shared with other jobs (2026-12-05).
 """
 import argparse
 import json
