@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.demo_data import generate
 
@@ -24,6 +25,15 @@ def pytest_sessionstart(session):
         faulthandler.dump_traceback_later(600, exit=True)
         ista2._load_cpu_kernels()
         faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture
+def float64():
+    """float64 as the default dtype during the test (the oracle comparisons), the previous one after it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 @pytest.fixture(scope='session')

@@ -7,6 +7,8 @@ from common import ista2
 from common.ista2 import ISTA2
 from common.ista2_oracle import naive_ista2
 
+pytestmark = pytest.mark.usefixtures('float64')  # the oracle comparisons run in float64
+
 
 @pytest.fixture(autouse=True, params=['fused', 'torch'])
 def code_path(request, monkeypatch):
@@ -16,15 +18,6 @@ def code_path(request, monkeypatch):
     if fused:
         assert ista2._load_cpu_kernels() is not None, 'the fused CPU kernels did not build: see the warning'
     return request.param
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    """The oracle comparisons run in float64; other test modules keep the default."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def make(dim=6, heads=2, norm=None, **kw):

@@ -36,15 +36,6 @@ def scripted(m):
     return saved_and_loaded(torch.jit.script(m))
 
 
-@pytest.fixture
-def float64():
-    """The oracle comparisons run in float64."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.usefixtures('float64')
 @pytest.mark.parametrize('training', [False, True])
 @pytest.mark.parametrize('rep', list(REPS))
