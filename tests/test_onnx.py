@@ -49,9 +49,8 @@ PARAMS = [(exporter, name, mode) for exporter in EXPORTERS for name, mode in CAS
 
 
 def build(name):
-    """(model in eval mode, image size): a copy of its model for each test, so that no case sees another's
-    changes: the eval_align a case sets (`bank_layers` finds only layers in 'bank') and the rows that 'batch'
-    alignment of a bank model queues into its bank, in eager calls and in the TorchScript exporter's trace."""
+    """(model in eval mode, image size): a copy of its model for each test, so that no case sees the eval_align
+    another case set (`bank_layers` finds only layers in 'bank')."""
     model, size = _build(name)
     return copy.deepcopy(model), size
 
